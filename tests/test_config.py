@@ -1,0 +1,84 @@
+import pytest
+import yaml
+
+from trec_accel.config import Config, ConfigError, load_config, reference, save_config
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_are_the_notebook_recipe():
+    cfg = load_config()
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (32, 16, 0.1)
+    assert cfg.lora.target_modules[-1] == "lm_head" and len(cfg.lora.target_modules) == 8
+    assert (cfg.train.max_steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.lr) == (200, 1, 8, 2e-4)
+    assert (cfg.train.scheduler, cfg.train.max_grad_norm, cfg.seed, cfg.data.split_seed) == ("cosine", 0.3, 42, 42)
+
+
+def test_yaml_then_overrides(tmp_path):
+    p = write(tmp_path, "output_dir: out\ntrain:\n  lr: 1e-3\n  max_steps: 7\ndata:\n  task: fine\n")
+    cfg = load_config(p, ["train.lr=5e-4", "lora.target_modules=q_proj,v_proj", "data.path=/x"])
+    assert cfg.train.lr == 5e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.train.max_steps == 7 and cfg.data.task == "fine" and cfg.output_dir == "out"
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.data.path == "/x"
+
+
+def test_env_references_expand(tmp_path, monkeypatch):
+    p = write(tmp_path, "data:\n  path: ${TREC_TEST_DIR:-CogComp/trec}\n")
+    monkeypatch.delenv("TREC_TEST_DIR", raising=False)
+    assert load_config(p).data.path == "CogComp/trec"
+    monkeypatch.setenv("TREC_TEST_DIR", "/data/trec")
+    assert load_config(p).data.path == "/data/trec"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", "unknown config key 'train.lrr' (did you mean 'train.lr'?)"),
+    ("nope=1", "unknown config key 'nope'"),
+    ("train.lr=fast", "train.lr: expected float, got 'fast'"),
+    ("train.max_steps=1.5", "train.max_steps: expected int, got 1.5"),
+    ("train.shared_prefix=maybe", "train.shared_prefix: expected bool"),
+    ("lora.r=0", "lora.r must be > 0"),
+    ("data.val_fraction=1.0", "data.val_fraction must be in (0, 1)"),
+    ("data.val_fraction=0", "data.val_fraction must be in (0, 1)"),
+    ("data.task=medium", "data.task: 'medium' is not one of coarse, fine"),
+    ("eval.method=guess", "eval.method: 'guess' is not one of score, generate"),
+    ("train", "override 'train' is not of the form dotted.key=value"),
+    ("train.lr.x=1", "unknown config key 'train.lr.x'"),
+])
+def test_bad_values_give_one_line_errors(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: [unclosed\n"))
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(write(tmp_path, "train: 3\n"))
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.lr=3e-4", "data.task=fine"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["lr"] == 3e-4
+
+
+def test_every_field_is_documented():
+    rows = reference()
+    assert len(rows) > 30 and all(help_ for _, _, help_ in rows)
+    assert {"output_dir", "seed", "model.name", "data.path", "data.task", "train.max_steps", "train.batch_size",
+            "train.lr"} <= {k for k, _, _ in rows}
+
+
+@pytest.mark.parametrize("name", ["tiny", "smollm2_coarse", "smollm2_fine", "mistral7b_coarse", "mistral7b_fine"])
+def test_shipped_configs_load(name):
+    cfg = load_config(f"configs/{name}.yaml")
+    assert isinstance(cfg, Config) and cfg.data.task in name + ("coarse" if name == "tiny" else "")

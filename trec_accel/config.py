@@ -1,0 +1,317 @@
+"""The one typed run configuration: dataclasses loaded from YAML, overridden by dotted ``key=value``.
+
+Every default and its meaning lives here, once, in the ``help`` metadata of its field; the README's
+config reference and ``--help-config`` are generated from it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config: unknown key, wrong type or impossible value. Its message is one line."""
+
+
+def _f(default: Any, help: str, choices: tuple | None = None):
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("tiny-random-mistral", "Base model: a hub id, a local folder, or a built-in offline model "
+                   "(tiny-random-mistral, smollm2-135m-instruct, mistral-7b-random).")
+    quantization: str = _f("auto", "'nf4' loads the base in 4-bit NF4 through bitsandbytes (CUDA only); 'none' keeps "
+                           "it in `dtype`; 'auto' is nf4 on CUDA and none elsewhere.", ("auto", "nf4", "none"))
+    double_quant: bool = _f(True, "bitsandbytes nested quantization of the 4-bit scales (saves ~0.4 bit/param).")
+    dtype: str = _f("auto", "Compute dtype: bf16 where the device supports it ('auto'), else fp32.",
+                    ("auto", "bf16", "fp16", "fp32"))
+    attn_implementation: str = _f("sdpa", "Attention kernel passed to from_pretrained.", ("sdpa", "eager", "flash_attention_2"))
+    gradient_checkpointing: bool = _f(False, "Non-reentrant activation checkpointing: less memory, ~30% more compute.")
+    liger_kernels: bool = _f(False, "Patch RMSNorm/RoPE/SwiGLU with Liger Triton kernels where installed (CUDA).")
+
+
+@dataclass
+class LoraConfig:
+    r: int = _f(32, "LoRA rank.")
+    alpha: int = _f(16, "LoRA alpha (scale = alpha / r).")
+    dropout: float = _f(0.1, "Dropout on the LoRA input.")
+    target_modules: list = _f(PROJECTIONS + ["lm_head"], "Modules that get adapters (the notebook's 7 projections + lm_head).")
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("CogComp/trec", "Hub dataset id, a folder with train_5500.label/TREC_10.label or "
+                   "train/test .jsonl/.csv/.parquet, or one such file. `${TREC_DATA_DIR:-CogComp/trec}` style "
+                   "environment references are expanded.")
+    task: str = _f("coarse", "coarse (6 labels) or fine (50 labels).", ("coarse", "fine"))
+    val_fraction: float = _f(0.1, "Share of shuffled train held out as validation (floor; 545 of 5,452).")
+    split_seed: int = _f(42, "Seed of the train/validation shuffle (the notebook's 42).")
+    template: str = _f("notebook", "Prompt: the notebook's `[INST] ... [/INST]\\n question = LABEL`, or the "
+                       "model's own chat template.", ("notebook", "chat"))
+    max_examples: int = _f(0, "Use only the first N training examples (0 = all); for smoke runs.")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(200, "Optimizer steps; 0 means run `epochs` epochs instead.")
+    epochs: float = _f(1.0, "Epochs over the training split when max_steps is 0.")
+    batch_size: int = _f(1, "Sequences per micro-batch per process.")
+    grad_accum: int = _f(8, "Micro-batches per optimizer step (global batch = batch_size x grad_accum x processes).")
+    lr: float = _f(2e-4, "Peak learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    warmup_steps: int = _f(0, "Linear warm-up steps before the schedule.")
+    scheduler: str = _f("cosine", "Learning-rate schedule after warm-up.", ("cosine", "linear", "constant"))
+    optimizer: str = _f("adamw", "adamw (torch), or bitsandbytes paged_adamw_32bit / paged_adamw_8bit / adamw_8bit.",
+                        ("adamw", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"))
+    max_grad_norm: float = _f(0.3, "Gradient clipping norm (0 = off).")
+    shared_prefix: bool = _f(True, "Run the instruction shared by every example once per batch and reuse its "
+                             "key/value cache; falls back to full sequences (logged) where it cannot run.")
+    group_by_length: bool = _f(False, "Batch questions of similar length together (shuffled in mega-batches).")
+    log_every: int = _f(10, "Log loss, lr, grad norm, tokens/s and memory every N optimizer steps.")
+    eval_every: int = _f(0, "Validation loss and accuracy every N steps (0 = only at the end).")
+    save_every: int = _f(100, "Checkpoint every N steps (0 = only on signal and at the end).")
+    keep_last: int = _f(2, "Checkpoints kept; older ones are deleted (the best-accuracy one is kept too).")
+
+
+@dataclass
+class EvalConfig:
+    split: str = _f("test", "Split to evaluate: train, validation, test, or a path to a data file.")
+    method: str = _f("score", "score: rank every valid label by its log-likelihood; generate: the notebook's free "
+                     "greedy generation with substring matching.", ("score", "generate"))
+    batch_size: int = _f(64, "Questions per scoring batch per process.")
+    normalize: str = _f("sum", "Label score: sum of log-probs of the label tokens and EOS, or their mean.", ("sum", "mean"))
+    max_new_tokens: int = _f(10, "Generation length for method=generate.")
+    max_examples: int = _f(0, "Evaluate only the first N questions (0 = all).")
+
+
+@dataclass
+class LogConfig:
+    tracker: str = _f("none", "Experiment tracker; wandb goes offline without an API key.", ("none", "wandb", "tensorboard"))
+    project: str = _f("trec-accel", "Tracker project name.")
+    run_name: str = _f("", "Run name (default: the output folder's name).")
+
+
+@dataclass
+class Config:
+    output_dir: str = _f("runs/default", "Where config.yaml, checkpoints/, adapter/ and reports go.")
+    seed: int = _f(42, "Seed for LoRA init, dropout and data order.")
+    resume: str = _f("", "'' (fresh run), 'latest' (newest complete checkpoint in output_dir, if any) or a checkpoint path.")
+    adapter: str = _f("", "Trained adapter folder to evaluate or predict with ('' = zero-shot base model).")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+_ENV_REF = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: str) -> str:
+    def sub(m: re.Match) -> str:
+        if m.group(1) in os.environ and os.environ[m.group(1)]:
+            return os.environ[m.group(1)]
+        if m.group(2) is not None:
+            return m.group(2)
+        raise ConfigError(f"environment variable {m.group(1)} is not set (referenced as {m.group(0)})")
+    return _ENV_REF.sub(sub, value)
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 2e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return _expand_env(str(value))
+        if value is None:
+            return ""
+    elif typ is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+    name = getattr(typ, "__name__", str(typ))
+    raise ConfigError(f"{key}: expected {name}, got {value!r}")
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unknown(key: str, options) -> ConfigError:
+    close = difflib.get_close_matches(key, list(options), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _all_keys(cls=Config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, typ in _types(cls).items():
+        if dataclasses.is_dataclass(typ):
+            keys += _all_keys(typ, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _set(cfg: Any, key: str, value: Any, full_key: str) -> None:
+    head, _, rest = key.partition(".")
+    types_ = _types(type(cfg))
+    if head not in types_:
+        raise _unknown(full_key, _all_keys())
+    typ = types_[head]
+    if dataclasses.is_dataclass(typ):
+        if rest:
+            _set(getattr(cfg, head), rest, value, full_key)
+            return
+        if not isinstance(value, dict):
+            raise ConfigError(f"{full_key}: expected a mapping of {', '.join(_types(typ))}, got {value!r}")
+        for k, v in value.items():
+            _set(getattr(cfg, head), str(k), v, f"{full_key}.{k}")
+        return
+    if rest:
+        raise _unknown(full_key, _all_keys())
+    setattr(cfg, head, _coerce(full_key, value, typ))
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
+    key, _, raw = item.partition("=")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file, then ``key=value`` overrides; validated before anything heavy runs."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+        for k, v in data.items():
+            _set(cfg, str(k), v, str(k))
+    for item in overrides:
+        key, value = parse_override(item)
+        _set(cfg, key, value, key)
+    validate(cfg)
+    return cfg
+
+
+def _check_choices(obj: Any, prefix: str) -> None:
+    for name, f in _fields(type(obj)).items():
+        value = getattr(obj, name)
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}{name}.")
+        elif f.metadata.get("choices") and value not in f.metadata["choices"]:
+            raise ConfigError(f"{prefix}{name}: '{value}' is not one of {', '.join(f.metadata['choices'])}")
+
+
+def validate(cfg: Config) -> None:
+    _check_choices(cfg, "")
+    t, lo, d, e = cfg.train, cfg.lora, cfg.data, cfg.eval
+    checks = [
+        (lo.r > 0, "lora.r must be > 0"),
+        (lo.alpha > 0, "lora.alpha must be > 0"),
+        (0.0 <= lo.dropout < 1.0, "lora.dropout must be in [0, 1)"),
+        (len(lo.target_modules) > 0, "lora.target_modules must name at least one module"),
+        (0.0 < d.val_fraction < 1.0, "data.val_fraction must be in (0, 1)"),
+        (d.max_examples >= 0, "data.max_examples must be >= 0"),
+        (t.max_steps >= 0, "train.max_steps must be >= 0"),
+        (t.max_steps > 0 or t.epochs > 0, "train.epochs must be > 0 when train.max_steps is 0"),
+        (t.batch_size > 0, "train.batch_size must be > 0"),
+        (t.grad_accum > 0, "train.grad_accum must be > 0"),
+        (t.lr > 0, "train.lr must be > 0"),
+        (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        (t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0"),
+        (t.log_every > 0, "train.log_every must be > 0"),
+        (t.eval_every >= 0 and t.save_every >= 0, "train.eval_every and train.save_every must be >= 0"),
+        (t.keep_last > 0, "train.keep_last must be > 0"),
+        (e.batch_size > 0, "eval.batch_size must be > 0"),
+        (e.max_new_tokens > 0, "eval.max_new_tokens must be > 0"),
+        (e.max_examples >= 0, "eval.max_examples must be >= 0"),
+        (bool(cfg.output_dir), "output_dir must not be empty"),
+        (bool(cfg.model.name), "model.name must not be empty"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def reference(cls=Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every field: the source of the README's config table."""
+    rows = []
+    defaults = cls()
+    for name, f in _fields(cls).items():
+        value = getattr(defaults, name)
+        if dataclasses.is_dataclass(value):
+            rows += reference(type(value), f"{prefix}{name}.")
+        else:
+            help_ = f.metadata["help"]
+            if f.metadata.get("choices"):
+                help_ += f" One of: {', '.join(f.metadata['choices'])}."
+            rows.append((prefix + name, value, help_))
+    return rows
+
+
+def reference_markdown() -> str:
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, default, help_ in reference():
+        shown = ",".join(default) if isinstance(default, list) else default
+        lines.append(f"| `{key}` | `{shown}` | {help_} |")
+    return "\n".join(lines)
