@@ -1,0 +1,16 @@
+#!/usr/bin/env python
+"""Evaluate a base model or a trained adapter on a TREC split:
+`accelerate launch scripts/evaluate.py --config configs/NAME.yaml [adapter=DIR] [eval.split=test] [key=value ...]`."""
+import sys
+
+from trec_accel import cli
+from trec_accel.evaluate import run
+
+
+def body():
+    _, cfg = cli.parse(sys.argv[1:], __doc__)
+    run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(cli.main(body))

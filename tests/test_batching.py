@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from trec_accel.batching import IGNORE, Encoder, collate, epoch_order, micro_batches, shard
+from trec_accel.labels import COARSE_LABELS, FINE_LABELS
+
+
+@pytest.fixture(params=["coarse", "fine"])
+def encoder(request, tokenizer):
+    return Encoder(tokenizer, request.param, "notebook")
+
+
+def test_prompt_is_the_notebook_format(encoder):
+    p = encoder.prompt("Who wrote Hamlet ?", 3)
+    assert p.prefix.startswith("[INST] ") and p.prefix.endswith(" [/INST]\n")
+    assert p.question == " Who wrote Hamlet ? ="
+    assert p.answer == " " + encoder.labels[3] and p.end == "</s>"
+    assert p.text.endswith("\n Who wrote Hamlet ? = " + encoder.labels[3] + "</s>")
+    if encoder.task == "fine":
+        assert all(name in p.prefix for name in FINE_LABELS)
+    else:
+        assert all(name in p.prefix for name in COARSE_LABELS)
+
+
+def test_tokens_are_those_of_the_whole_text(encoder, tokenizer):
+    for label in range(len(encoder.labels)):
+        e = encoder.encode("How far is it from Denver to Aspen ?", label)
+        whole = tokenizer(encoder.prompt("How far is it from Denver to Aspen ?", label).text)["input_ids"]
+        assert e.prompt_ids + e.label_ids == whole
+        assert e.label_ids == encoder.candidates[label]
+        assert e.label_ids[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(e.label_ids, skip_special_tokens=True).strip() == encoder.labels[label]
+        assert encoder.shares_prefix(e)
+
+
+def test_prompt_without_label_is_the_prefix_of_the_labelled_one(encoder):
+    q = "What is the oldest university in the US ?"
+    assert encoder.encode(q).prompt_ids == encoder.encode(q, 2).prompt_ids
+    assert encoder.encode(q).label_ids == []
+
+
+def test_loss_mask_covers_label_tokens_only(encoder, tokenizer):
+    exs = [encoder.encode("Who is Colin Powell ?", 3), encoder.encode("What is the population of the city of Mumbai ?", 5)]
+    for prefix in (None, encoder.prefix_ids):
+        b = collate(exs, tokenizer.pad_token_id, prefix)
+        p = 0 if prefix is None else len(prefix)
+        for i, e in enumerate(exs):
+            seq = (e.prompt_ids + e.label_ids)[p:]
+            row = b.labels[i]
+            # Exactly the label tokens (answer + EOS) are targets, at their own positions.
+            assert row[row != IGNORE].tolist() == e.label_ids
+            assert (row[: len(e.prompt_ids) - p] == IGNORE).all()
+            assert (row[len(seq):] == IGNORE).all() and (b.attention_mask[i, len(seq):] == 0).all()
+            assert b.input_ids[i, : len(seq)].tolist() == seq
+        assert b.n_label_tokens == sum(len(e.label_ids) for e in exs)
+    shared = collate(exs, tokenizer.pad_token_id, encoder.prefix_ids)
+    assert shared.prefix_ids[0].tolist() == encoder.prefix_ids
+
+
+def test_epoch_order_is_a_seeded_permutation():
+    lengths = list(range(100))
+    a = epoch_order(lengths, 42, 0, False, 8)
+    assert sorted(a) == lengths and a == epoch_order(lengths, 42, 0, False, 8)
+    assert a != epoch_order(lengths, 42, 1, False, 8) and a != epoch_order(lengths, 7, 0, False, 8)
+    g = epoch_order(lengths, 42, 0, True, 4)
+    assert sorted(g) == lengths
+    # Length grouping: each batch of 4 spans similar lengths (sorted within mega-batches).
+    spreads = [max(lengths[j] for j in g[i:i + 4]) - min(lengths[j] for j in g[i:i + 4]) for i in range(0, 100, 4)]
+    assert sum(spreads) / len(spreads) < 10
+
+
+def test_shards_and_micro_batches_partition_the_data():
+    order = list(range(10))
+    assert [shard(order[:4], r, 2) for r in range(2)] == [[0, 1], [2, 3]]
+    batches = list(micro_batches(order, 0, 4))
+    assert [b for _, b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7]]  # the ragged tail is dropped
+    assert [p for p, _ in batches] == [4, 8]
+    assert [b for _, b in micro_batches(order, 4, 4)] == [[4, 5, 6, 7]]
+
+
+def test_slow_tokenizer_is_refused():
+    class Slow:
+        is_fast = False
+    with pytest.raises(ValueError, match="fast"):
+        Encoder(Slow(), "coarse", "notebook")

@@ -1,0 +1,68 @@
+"""The shared-prefix and tree-scoring paths compute exactly what the plain full-sequence path computes."""
+import pytest
+import torch
+
+from trec_accel.batching import Encoder, collate
+from trec_accel.config import load_config
+from trec_accel.evaluate import score_prompts
+from trec_accel.loss import LabelLoss, batch_loss
+from trec_accel.model import add_lora
+
+QUESTIONS = ["Who wrote Hamlet ?", "How many legs does a spider have ?", "What is a sonnet ?",
+             "What does NASA stand for ?", "Where is the highest waterfall in the United States ?"]
+
+
+@pytest.fixture(scope="module")
+def lora_model(tiny_model_path):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    cfg = load_config(None, ["lora.r=4", "lora.dropout=0.0", "model.name=tiny-random-mistral"])
+    model = add_lora(model, cfg)
+    # LoRA B starts at zero; give the adapters weights so their gradients are all non-trivial.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model
+
+
+def grads(model, loss_model, batch):
+    model.zero_grad(set_to_none=True)
+    loss_sum, n = batch_loss(loss_model, batch)
+    (loss_sum / n).backward()
+    return loss_sum.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("task", ["coarse", "fine"])
+def test_shared_prefix_matches_full_sequences(lora_model, tokenizer, task):
+    enc = Encoder(tokenizer, task, "notebook")
+    exs = [enc.encode(q, i % len(enc.labels)) for i, q in enumerate(QUESTIONS)]
+    loss_model = LabelLoss(lora_model).train()
+    plain_loss, plain = grads(lora_model, loss_model, collate(exs, tokenizer.pad_token_id))
+    shared_loss, shared = grads(lora_model, loss_model, collate(exs, tokenizer.pad_token_id, enc.prefix_ids))
+    assert shared_loss == pytest.approx(plain_loss, rel=1e-5)
+    assert len(plain) == 2 * 7 * 2 + 2  # lora_A and lora_B of 7 projections x 2 layers, plus lm_head's
+    for name, g in plain.items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(shared[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("task", ["coarse", "fine"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_tree_scores_match_one_sequence_per_candidate(lora_model, tokenizer, task, shared):
+    enc = Encoder(tokenizer, task, "notebook")
+    lora_model.eval()
+    prompts = [enc.encode(q).prompt_ids for q in QUESTIONS]
+    got = score_prompts(lora_model, enc, prompts, shared, "sum")
+    with torch.no_grad():
+        for i, q in enumerate(prompts):
+            for k, cand in enumerate(enc.candidates):
+                ids = torch.tensor([q + cand])
+                logp = torch.log_softmax(lora_model(input_ids=ids).logits[0].float(), -1)
+                want = sum(logp[len(q) - 1 + j, t].item() for j, t in enumerate(cand))
+                assert got[i, k].item() == pytest.approx(want, abs=2e-4), (i, enc.labels[k])
+    mean = score_prompts(lora_model, enc, prompts, shared, "mean")
+    lens = torch.tensor([len(c) for c in enc.candidates], dtype=torch.float32)
+    torch.testing.assert_close(mean, got / lens)
+    lora_model.train()

@@ -1,0 +1,147 @@
+"""Where a batch is made: prompts become token ids, and token ids become padded tensors.
+
+Each prompt is tokenized as one string, and the token boundaries of its parts are read off the offsets, so
+training, scoring and free generation all see the tokens the model would see for the whole text. The
+instruction's tokens (`prefix_ids`) are the same for every question of a task; a batch keeps them apart
+from the per-question tokens so that the model can run them once per batch (see `forward.py`).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from .labels import label_names
+from .prompts import Prompt, prompt_format
+
+IGNORE = -100
+
+
+class PromptTokenError(ValueError):
+    """A prompt whose parts do not fall on token boundaries."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    prompt_ids: list[int]  # prefix + question + cue
+    label_ids: list[int]   # answer + end; empty when the label is to be predicted
+
+
+class Encoder:
+    """Renders and tokenizes prompts of one task with one template."""
+
+    def __init__(self, tokenizer, task: str, template: str):
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError("trec-accel needs a fast (Rust) tokenizer: token offsets locate the label")
+        self.tokenizer, self.task, self.labels = tokenizer, task, label_names(task)
+        self.format = prompt_format(template, task, tokenizer)
+        p = self.prompt("What is this ?")
+        ids, offsets = self._tokens(p.text)
+        # The instruction's tokens as they come out inside a whole prompt (BOS included).
+        self.prefix_ids: list[int] = [t for t, (s, e) in zip(ids, offsets) if e <= len(p.prefix)]
+        # Candidate label sequences (answer + end), the same after every question: checked in `encode`.
+        self.candidates: list[list[int]] = [self.encode("What is this ?", i).label_ids for i in range(len(self.labels))]
+
+    def _tokens(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        return enc["input_ids"], enc["offset_mapping"]
+
+    def prompt(self, question: str, label: int | None = None) -> Prompt:
+        return self.format.render(question, None if label is None else self.labels[label])
+
+    def encode(self, question: str, label: int | None = None) -> Encoded:
+        p = self.prompt(question, label)
+        ids, offsets = self._tokens(p.text)
+        cut = len(p.prefix) + len(p.question)  # first character of the answer
+        n_prompt = sum(1 for s, e in offsets if e <= cut or (s == e == 0))
+        if any(s < cut < e for s, e in offsets):
+            raise PromptTokenError(f"a token spans the end of the prompt and the start of the label in {p.text!r}")
+        return Encoded(ids[:n_prompt], ids[n_prompt:])
+
+    def shares_prefix(self, enc: Encoded) -> bool:
+        n = len(self.prefix_ids)
+        return enc.prompt_ids[:n] == self.prefix_ids and len(enc.prompt_ids) > n
+
+
+@dataclass
+class Batch:
+    """Padded tensors of one micro-batch.
+
+    `prefix_ids` (1, P) holds the shared instruction when the batch is made for the shared-prefix path;
+    then `input_ids` (B, S) holds only what follows it. On the plain path `prefix_ids` is None and
+    `input_ids` holds whole sequences. `labels` is -100 on prompt and padding, so the loss sees only the
+    label tokens.
+    """
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    prefix_ids: torch.Tensor | None = None
+
+    @property
+    def n_label_tokens(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens the model runs: the prefix once, plus the unpadded per-example tokens."""
+        p = 0 if self.prefix_ids is None else self.prefix_ids.shape[1]
+        return p + int(self.attention_mask.sum())
+
+    def to(self, device) -> "Batch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels), move(self.prefix_ids))
+
+
+def collate(examples: Sequence[Encoded], pad_id: int, prefix_ids: Sequence[int] | None = None) -> Batch:
+    """Right-pad to the longest sequence of the batch; with `prefix_ids`, cut the shared prefix off each one."""
+    p = len(prefix_ids) if prefix_ids is not None else 0
+    seqs = [(e.prompt_ids + e.label_ids)[p:] for e in examples]
+    n_prompt = [len(e.prompt_ids) - p for e in examples]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    for i, (s, n) in enumerate(zip(seqs, n_prompt)):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+        labels[i, n : len(s)] = torch.tensor(s[n:], dtype=torch.long)
+    prefix = torch.tensor([list(prefix_ids)], dtype=torch.long) if prefix_ids is not None else None
+    return Batch(ids, mask, labels, prefix)
+
+
+def epoch_order(lengths: Sequence[int], seed: int, epoch: int, group_by_length: bool, batch: int) -> list[int]:
+    """The data order of one epoch: a seeded shuffle, the same on every process and after a resume.
+
+    With `group_by_length`, the shuffle is cut into mega-batches of 50 batches, each sorted by length, and
+    the batches are shuffled again, so batches pad little and still come in random order.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if not group_by_length:
+        return order
+    mega = batch * 50
+    batches = []
+    for i in range(0, len(order), mega):
+        chunk = sorted(order[i : i + mega], key=lambda j: lengths[j], reverse=True)
+        batches += [chunk[k : k + batch] for k in range(0, len(chunk), batch)]
+    rng.shuffle(batches)
+    return [j for b in batches for j in b]
+
+
+def shard(items: Sequence, rank: int, world: int) -> list:
+    """This process's share of a global batch: contiguous slices, the last ones possibly shorter."""
+    per = -(-len(items) // world)
+    return list(items[rank * per : (rank + 1) * per])
+
+
+def micro_batches(order: Sequence[int], start: int, global_batch: int) -> Iterator[tuple[int, list[int]]]:
+    """Yield (position after the batch, indices) for each full global micro-batch from `start` on.
+
+    A ragged tail is dropped (as `drop_last` does), so every process gets a full share of every batch; the
+    seeded shuffle drops different examples each epoch.
+    """
+    for i in range(start, len(order) - global_batch + 1, global_batch):
+        yield i + global_batch, list(order[i : i + global_batch])

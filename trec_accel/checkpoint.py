@@ -1,0 +1,118 @@
+"""Checkpoints that are either complete or ignored.
+
+A checkpoint is written by `accelerator.save_state` into a hidden temporary folder; the main process then
+records every file's size and SHA-256 in `MANIFEST.json` and renames the folder to `step-N`. A folder
+without a manifest, or whose files no longer match it, is skipped on resume with a warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "MANIFEST.json"
+TRAINER_STATE = "trainer_state.json"
+_STEP = re.compile(r"^step-(\d+)$")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: Path) -> None:
+    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)}
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(entries, indent=1))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def verify(folder: Path) -> str | None:
+    """None when the checkpoint is complete and intact, else the reason it is not."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return "no manifest (the save did not finish)"
+    try:
+        entries = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return "unreadable manifest"
+    for rel, want in entries.items():
+        p = folder / rel
+        if not p.is_file():
+            return f"missing file {rel}"
+        if p.stat().st_size != want["bytes"] or _sha256(p) != want["sha256"]:
+            return f"file {rel} does not match its recorded size and checksum"
+    if TRAINER_STATE not in entries:
+        return f"no {TRAINER_STATE}"
+    return None
+
+
+def step_of(folder: Path) -> int:
+    m = _STEP.match(folder.name)
+    return int(m.group(1)) if m else -1
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """step-N folders under root, newest first."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and _STEP.match(p.name)), key=step_of, reverse=True)
+
+
+def find_resume(resume: str, root: Path) -> Path | None:
+    """The checkpoint to resume from: `latest` is the newest intact one under root (or None: a fresh start);
+    a path must itself be intact."""
+    if not resume:
+        return None
+    if resume != "latest":
+        folder = Path(resume)
+        reason = verify(folder) if folder.is_dir() else "folder not found"
+        if reason:
+            raise ValueError(f"cannot resume from {folder}: {reason}")
+        return folder
+    for folder in checkpoints(root):
+        reason = verify(folder)
+        if reason is None:
+            return folder
+        log.warning("skipping checkpoint %s: %s", folder, reason)
+    return None
+
+
+def save(accelerator, root: Path, step: int, trainer_state: dict, keep: int, protect: tuple[int, ...] = ()) -> Path:
+    """Save on every process (each writes its own RNG state), publish atomically on the main one, prune."""
+    final = root / f"step-{step}"
+    tmp = root / f".step-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
+        write_manifest(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoints(root)[keep:]:
+            if step_of(old) not in protect:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_trainer_state(folder: Path) -> dict:
+    return json.loads((folder / TRAINER_STATE).read_text())

@@ -1,0 +1,42 @@
+"""What the scripts share: `--config FILE [key=value ...]`, and one-line errors instead of tracebacks."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from .config import ConfigError, load_config, reference_markdown
+
+
+def parse(argv: list[str] | None, description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None):
+    parser = argparse.ArgumentParser(description=description,
+                                     epilog="Overrides are dotted config keys, e.g. train.lr=1e-4 data.task=fine.")
+    parser.add_argument("--config", help="YAML run config (configs/*.yaml); defaults apply where omitted")
+    parser.add_argument("--help-config", action="store_true", help="print every config key with its default and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    if extra:
+        extra(parser)
+    args = parser.parse_args(argv)
+    if args.help_config:
+        print(reference_markdown())
+        sys.exit(0)
+    return args, load_config(args.config, args.overrides)
+
+
+def expected_errors() -> tuple[type[Exception], ...]:
+    from .batching import PromptTokenError
+    from .data import DataError
+    from .evaluate import EvalError
+    from .model import ModelLoadError
+    from .offline_models import OfflineModelError
+    return ConfigError, DataError, EvalError, ModelLoadError, OfflineModelError, PromptTokenError
+
+
+def main(body: Callable[[], object]) -> int:
+    """Run a script body; a known bad input ends it with `error: ...` and exit code 2."""
+    try:
+        body()
+    except expected_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,230 @@
+"""Sharded evaluation: every question gets exactly one valid label.
+
+Constrained scoring (`eval.method=score`): a question's score for a label is the log-probability of the
+label's whole token sequence, answer tokens and EOS, after the same prompt used in training:
+
+    score(label) = sum_j log p(t_j | prompt, t_<j)      (eval.normalize=sum, the default)
+    score(label) = mean_j log p(t_j | prompt, t_<j)     (eval.normalize=mean)
+
+and the prediction is the best-scoring label. All candidates of a question are scored in one row: the
+question's tokens come first, then every candidate's tokens side by side, each attending to the prompt
+and to its own earlier tokens only (a tree-shaped attention mask, with each candidate's positions
+starting right after the question). With the shared prefix the instruction is run once per batch.
+
+`eval.method=generate` keeps the reference notebook's free greedy generation with substring matching,
+and counts the answers that are not a valid label.
+
+Sharding: process r takes questions r, r+W, r+2W, ...; the predictions are gathered with their indices
+and put back in order, so no question is dropped or counted twice whatever the number of processes.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .batching import Encoder
+from .forward import hidden_states, parts
+from .reports import compute_metrics
+
+log = logging.getLogger("trec_accel")
+
+INVALID = "<invalid>"
+
+
+class EvalError(ValueError):
+    """Bad evaluation input: empty split, unknown split, empty question."""
+
+
+def _tree_batch(encoder: Encoder, prompts: Sequence[list[int]], p: int, device):
+    """Inputs, positions and the tree mask for scoring every candidate after each prompt.
+
+    `prompts` are the per-question tokens after the shared prefix of length `p` (p = 0: whole prompts).
+    """
+    cands = encoder.candidates
+    feed = [c[:-1] for c in cands]          # the last token of a candidate is only predicted, never fed
+    offsets, width = [], 0
+    for f in feed:
+        offsets.append(width)
+        width += len(f)
+    m = max(len(q) for q in prompts)
+    b, s = len(prompts), m + width
+    ids = torch.full((b, s), encoder.tokenizer.pad_token_id, dtype=torch.long)
+    pos = torch.zeros((b, s), dtype=torch.long)
+    allow = torch.zeros((b, s, p + s), dtype=torch.bool)
+    allow[:, :, :p] = True
+    causal = torch.ones((m, m), dtype=torch.bool).tril()
+    for i, q in enumerate(prompts):
+        n = len(q)
+        ids[i, :n] = torch.tensor(q)
+        pos[i, :m] = p + torch.arange(m)
+        allow[i, :m, p : p + m] = causal
+        allow[i, :, p + n : p + m] = False                    # nobody attends to padding ...
+        allow[i, torch.arange(n, m), p + torch.arange(n, m)] = True  # ... but a padding row sees itself
+        for f, o in zip(feed, offsets):
+            if not f:
+                continue
+            cols = slice(m + o, m + o + len(f))
+            ids[i, cols] = torch.tensor(f)
+            pos[i, cols] = p + n + torch.arange(len(f))
+            allow[i, cols, p : p + n] = True
+            allow[i, cols, p + m + o : p + m + o + len(f)] = torch.ones((len(f), len(f)), dtype=torch.bool).tril()
+    return ids.to(device), pos.to(device), allow.unsqueeze(1).to(device), m, offsets
+
+
+@torch.no_grad()
+def score_prompts(model, encoder: Encoder, prompts: Sequence[list[int]], shared: bool, normalize: str) -> torch.Tensor:
+    """(len(prompts), n_labels) label scores. `prompts` are whole prompt token lists."""
+    decoder, lm_head = parts(model)
+    device = next(p for p in model.parameters()).device
+    p = len(encoder.prefix_ids) if shared else 0
+    prefix = torch.tensor([encoder.prefix_ids], device=device) if shared else None
+    ids, pos, allow, m, offsets = _tree_batch(encoder, [q[p:] for q in prompts], p, device)
+    mask = allow if getattr(decoder.config, "_attn_implementation", "sdpa") != "eager" else \
+        torch.zeros(allow.shape, device=device).masked_fill(~allow, torch.finfo(torch.float32).min)
+    hidden = hidden_states(decoder, ids, torch.ones_like(ids), prefix, pos, mask)
+    n_q = torch.tensor([len(q) - p for q in prompts], device=device)
+    rows = torch.arange(len(prompts), device=device)
+    first = torch.log_softmax(lm_head(hidden[rows, n_q - 1]).float(), -1)      # (B, V): first label token
+    rest = torch.log_softmax(lm_head(hidden[:, m:]).float(), -1) if hidden.shape[1] > m else None
+    scores = torch.empty((len(prompts), len(encoder.candidates)), device=device)
+    for k, (cand, o) in enumerate(zip(encoder.candidates, offsets)):
+        total = first[:, cand[0]]
+        for j in range(1, len(cand)):
+            total = total + rest[:, o + j - 1, cand[j]]
+        scores[:, k] = total / (len(cand) if normalize == "mean" else 1)
+    return scores
+
+
+@torch.no_grad()
+def generate_labels(model, encoder: Encoder, prompts: Sequence[list[int]], max_new_tokens: int) -> list[tuple[int, str]]:
+    """The notebook's method: greedy generation, then the label found in the answer (-1 when none is)."""
+    device = next(p for p in model.parameters()).device
+    pad = encoder.tokenizer.pad_token_id
+    m = max(len(q) for q in prompts)
+    ids = torch.full((len(prompts), m), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, q in enumerate(prompts):  # left padding, so every answer starts at column m
+        ids[i, m - len(q):] = torch.tensor(q)
+        mask[i, m - len(q):] = 1
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=pad, eos_token_id=encoder.tokenizer.eos_token_id)
+    texts = encoder.tokenizer.batch_decode(out[:, m:], skip_special_tokens=True)
+    return [(match_label(t, encoder.labels), t) for t in texts]
+
+
+def match_label(text: str, labels: Sequence[str]) -> int:
+    """The label that appears first in the text (the longest one where several start there), or -1."""
+    best = (len(text) + 1, 0, -1)
+    for i, name in enumerate(labels):
+        at = text.find(name)
+        if at >= 0:
+            best = min(best, (at, -len(name), i))
+    return best[2]
+
+
+def evaluate_examples(model, encoder: Encoder, examples, accelerator, batch_size: int, normalize: str = "sum",
+                      shared: bool = True, method: str = "score", max_new_tokens: int = 10) -> tuple[dict, list[dict]]:
+    """Metrics and one prediction row per example, identical on every process."""
+    from accelerate.utils import gather_object
+
+    if not examples:
+        raise EvalError("the split to evaluate is empty")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(range(rank, len(examples), world))
+    rows = []
+    for i in range(0, len(mine), batch_size):
+        chunk = mine[i : i + batch_size]
+        encs = [encoder.encode(examples[j].text) for j in chunk]
+        prompts = [e.prompt_ids for e in encs]
+        if method == "score":
+            use_shared = shared and all(encoder.shares_prefix(e) for e in encs)
+            scores = score_prompts(model, encoder, prompts, use_shared, normalize).cpu()
+            for j, sc in zip(chunk, scores):
+                rows.append({"index": j, "pred": int(sc.argmax()), "scores": [round(float(x), 4) for x in sc]})
+        else:
+            for j, (pred, text) in zip(chunk, generate_labels(model, encoder, prompts, max_new_tokens)):
+                rows.append({"index": j, "pred": pred, "generated": text})
+    rows = sorted(gather_object(rows), key=lambda r: r["index"])
+    labels = list(encoder.labels)
+    invalid = sum(r["pred"] < 0 for r in rows)
+    names = labels + [INVALID] if invalid else labels
+    gold = [examples[r["index"]].label for r in rows]
+    pred = [r["pred"] if r["pred"] >= 0 else len(labels) for r in rows]
+    metrics = compute_metrics(gold, pred, names)
+    metrics["invalid"] = invalid
+    out = []
+    for r, g, p_ in zip(rows, gold, pred):
+        e = examples[r["index"]]
+        row = {"index": e.index, "text": e.text, "gold": labels[g], "pred": names[p_]}
+        if "scores" in r:
+            row["scores"] = dict(zip(labels, r["scores"]))
+        else:
+            row["generated"] = r["generated"]
+        out.append(row)
+    return metrics, out
+
+
+def log_to_trackers(accelerator, metrics: dict, png: Path, step: int, prefix: str = "val") -> None:
+    """Accuracy and F1 for every tracker; in W&B also a per-class table and the confusion-matrix image."""
+    accelerator.log({f"{prefix}/accuracy": metrics["accuracy"], f"{prefix}/macro_f1": metrics["macro_f1"]}, step=step)
+    try:
+        tracker = accelerator.get_tracker("wandb", unwrap=True)
+    except Exception:  # noqa: BLE001 - no W&B tracker configured
+        return
+    import wandb
+    if not hasattr(tracker, "log"):
+        return
+    table = wandb.Table(columns=["label", "precision", "recall", "f1", "support", "accuracy"],
+                        data=[[k, v["precision"], v["recall"], v["f1"], v["support"], v["accuracy"]]
+                              for k, v in metrics["per_class"].items()])
+    tracker.log({f"{prefix}/per_class": table, f"{prefix}/confusion_matrix": wandb.Image(str(png))}, step=step)
+
+
+def select_split(cfg, splits: dict) -> tuple[str, list]:
+    """The examples named by eval.split: a split of data.path, or a data file of its own."""
+    from .data import load_trec
+    name = cfg.eval.split
+    if name in splits:
+        examples = splits[name]
+    elif Path(name).exists():
+        loaded = load_trec(name, cfg.data.task)
+        examples = loaded.get("test") or loaded.get("train") or []
+    else:
+        raise EvalError(f"unknown split '{name}': {cfg.data.path} has {', '.join(sorted(splits))} "
+                        "(or give a path to a data file)")
+    if not examples:
+        raise EvalError(f"split '{name}' is empty")
+    return name, examples[: cfg.eval.max_examples or None]
+
+
+def run(cfg) -> dict:
+    """Evaluate the base model (zero-shot) or cfg.adapter on eval.split; write the reports to output_dir."""
+    from .data import load_splits
+    from .model import load_for_inference
+    from .reports import format_report, plot_confusion_matrix, write_json, write_jsonl
+    from .train import make_accelerator
+
+    split, examples = select_split(cfg, load_splits(cfg.data.path, cfg.data.task, cfg.data.val_fraction,
+                                                    cfg.data.split_seed))
+    accelerator = make_accelerator(cfg)
+    model, tokenizer = load_for_inference(cfg, accelerator, cfg.adapter)
+    encoder = Encoder(tokenizer, cfg.data.task, cfg.data.template)
+    with accelerator.autocast():
+        metrics, rows = evaluate_examples(model, encoder, examples, accelerator, cfg.eval.batch_size,
+                                          cfg.eval.normalize, True, cfg.eval.method, cfg.eval.max_new_tokens)
+    metrics.update(model=cfg.model.name, adapter=cfg.adapter or None, task=cfg.data.task, split=split,
+                   method=cfg.eval.method)
+    if accelerator.is_main_process:
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(metrics, out / "metrics.json")
+        write_jsonl(rows, out / "predictions.jsonl")
+        plot_confusion_matrix(metrics, out / "confusion_matrix.png")
+        print(format_report(metrics))
+        if cfg.eval.method == "generate":
+            print(f"Answers that were not a valid label: {metrics['invalid']} of {metrics['n']}")
+        print(f"Reports written to {out}/")
+    return metrics

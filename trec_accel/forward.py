@@ -1,0 +1,69 @@
+"""The model's forward pass, with the shared instruction run once per batch.
+
+Every prompt of a task starts with the same instruction. `prefix_cache` runs it once (batch 1) and
+broadcasts its keys and values over the batch without copying; the per-question tokens then attend to
+it as a past. Gradients flow back through the broadcast into the prefix pass, so LoRA gets exactly the
+gradients of the full-sequence computation (tests/test_forward.py checks this).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(decoder stack, lm_head) of a causal LM, with or without PEFT around it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def prefix_cache(decoder: nn.Module, prefix_ids: torch.Tensor, batch_size: int):
+    """Key/value cache of the prefix, broadcast to `batch_size` rows.
+
+    Its `update` returns the prefix joined with the new states and stores nothing, so one cache serves
+    any number of forward passes over different continuations.
+    """
+    cache = decoder(input_ids=prefix_ids, use_cache=True).past_key_values
+    layers = cache.layers
+    for layer in layers:
+        layer.keys = layer.keys.expand(batch_size, -1, -1, -1)
+        layer.values = layer.values.expand(batch_size, -1, -1, -1)
+
+    def read_only_update(key_states, value_states, layer_idx, *args, **kwargs):
+        layer = layers[layer_idx]
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+    cache.update = read_only_update
+    return cache
+
+
+def hidden_states(decoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  prefix_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                  mask_4d: torch.Tensor | None = None) -> torch.Tensor:
+    """Last hidden states of `input_ids`, after `prefix_ids` when given.
+
+    `mask_4d` (B, 1, S, P+S), additive, replaces the causal mask: evaluation uses it to score every
+    candidate label of a question side by side in one row.
+    """
+    b, s = input_ids.shape
+    p = 0 if prefix_ids is None else prefix_ids.shape[1]
+    if position_ids is None:
+        position_ids = torch.arange(p, p + s, device=input_ids.device).expand(b, s)
+    if prefix_ids is None:
+        mask = attention_mask if mask_4d is None else mask_4d
+        return decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                       use_cache=False).last_hidden_state
+    cache = prefix_cache(decoder, prefix_ids, b)
+    if mask_4d is None:
+        ones = torch.ones((b, p), dtype=attention_mask.dtype, device=attention_mask.device)
+        mask = torch.cat([ones, attention_mask], dim=1)
+    else:
+        mask = mask_4d
+    return decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                   past_key_values=cache, use_cache=True).last_hidden_state
+
+
+def next_token_logits(lm_head: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Float logits at the selected (B, S) positions only: the vocabulary projection is the costliest
+    matrix of a short sequence, so it is never taken where no loss or score needs it."""
+    return lm_head(hidden[positions]).float()

@@ -1,0 +1,36 @@
+"""Where the loss is taken: token cross-entropy on the label tokens only.
+
+`LabelLoss` wraps the causal LM so that DDP, FSDP and DeepSpeed wrap the whole forward pass, loss
+included, and see every parameter used inside it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .batching import IGNORE, Batch
+from .forward import hidden_states, next_token_logits, parts
+
+
+class LabelLoss(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                prefix_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of label-token losses, number of label tokens). The caller normalises, so the loss of a
+        global batch can be divided by its token count across micro-batches and processes."""
+        decoder, lm_head = parts(self.model)
+        hidden = hidden_states(decoder, input_ids, attention_mask, prefix_ids)
+        # Position t predicts token t+1; prompt and padding carry IGNORE.
+        targets = labels[:, 1:]
+        positions = targets != IGNORE
+        logits = next_token_logits(lm_head, hidden[:, :-1], positions)
+        loss_sum = F.cross_entropy(logits, targets[positions], reduction="sum")
+        return loss_sum, positions.sum()
+
+
+def batch_loss(loss_model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    return loss_model(batch.input_ids, batch.attention_mask, batch.labels, batch.prefix_ids)

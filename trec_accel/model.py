@@ -1,0 +1,177 @@
+"""Loading the base model (hub id, local folder or built-in offline model), 4-bit NF4 where asked, and LoRA."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import Config, ConfigError
+from .offline_models import load_tokenizer as _auto_tokenizer, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+ADAPTER_META = "trec_accel.json"
+
+
+class ModelLoadError(RuntimeError):
+    """A model, tokenizer or adapter that cannot be loaded; the message says which and why."""
+
+
+@dataclass
+class LoadPlan:
+    """How to load the base model under the active backend."""
+    backend: str               # single | ddp | fsdp | deepspeed
+    quantize: bool
+    dtype: torch.dtype
+    device_map: dict | None    # None under FSDP / ZeRO-3: the backend places (and shards) the weights
+    quant_storage: torch.dtype | None
+
+
+def backend_of(accelerator) -> str:
+    from accelerate.utils import DistributedType
+    t = accelerator.distributed_type
+    if t == DistributedType.FSDP:
+        return "fsdp"
+    if t == DistributedType.DEEPSPEED:
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+        return "zero3" if stage == 3 else "deepspeed"
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+def load_plan(cfg: Config, accelerator) -> LoadPlan:
+    cuda = accelerator.device.type == "cuda"
+    q = cfg.model.quantization
+    if q == "nf4" and not cuda:
+        raise ConfigError("model.quantization=nf4 needs a CUDA GPU (bitsandbytes 4-bit); use model.quantization=none on CPU")
+    quantize = q == "nf4" or (q == "auto" and cuda)
+    name = cfg.model.dtype
+    if name == "auto":
+        name = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError("model.dtype=bf16 is not supported by this GPU; use model.dtype=fp16 or fp32")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    backend = backend_of(accelerator)
+    sharded = backend in ("fsdp", "zero3")
+    if sharded and cfg.train.optimizer.startswith("paged") :
+        raise ConfigError(f"train.optimizer={cfg.train.optimizer} cannot be used with {backend}: the backend shards "
+                          "optimizer state itself; use train.optimizer=adamw")
+    # Sharding backends flatten parameters of one dtype: 4-bit weights are stored in the training dtype
+    # (bnb_4bit_quant_storage) and placed by the backend, not by device_map.
+    device_map = None if sharded or not quantize else {"": accelerator.device}
+    return LoadPlan(backend, quantize, dtype, device_map, dtype if (quantize and sharded) else None)
+
+
+def load_tokenizer(path: str):
+    try:
+        tok = _auto_tokenizer(path)
+    except Exception as e:  # noqa: BLE001 - library errors are many and deep
+        raise ModelLoadError(f"could not load the tokenizer of '{path}': {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    return tok
+
+
+def load_base(cfg: Config, accelerator):
+    """(base model, tokenizer, plan). No adapter yet."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = resolve_model_path(cfg.model.name)
+    plan = load_plan(cfg, accelerator)
+    kwargs = dict(dtype=plan.dtype, attn_implementation=cfg.model.attn_implementation)
+    if plan.quantize:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=plan.dtype,
+            bnb_4bit_use_double_quant=cfg.model.double_quant,
+            bnb_4bit_quant_storage=plan.quant_storage or torch.uint8)
+    if plan.device_map is not None:
+        kwargs["device_map"] = plan.device_map
+    tokenizer = load_tokenizer(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"could not load model '{cfg.model.name}' ({path}): {str(e).splitlines()[0]}") from None
+    model.config.use_cache = False
+    if cfg.model.liger_kernels:
+        apply_liger(model)
+    return model, tokenizer, plan
+
+
+def apply_liger(model) -> None:
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        log.warning("model.liger_kernels=true, but liger-kernel is not installed: running without it")
+        return
+    # The loss takes logits only at label positions already, so Liger's fused linear cross-entropy is not used.
+    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
+
+
+def prepare_for_training(model, cfg: Config, plan: LoadPlan):
+    """Gradient checkpointing and the k-bit preparation, before LoRA is applied."""
+    gc_kwargs = {"use_reentrant": False}
+    if plan.quantize and plan.backend not in ("fsdp", "zero3"):
+        from peft import prepare_model_for_kbit_training
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+                                               gradient_checkpointing_kwargs=gc_kwargs)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model.enable_input_require_grads()
+    return model
+
+
+def add_lora(model, cfg: Config):
+    from peft import LoraConfig, get_peft_model
+    lc = cfg.lora
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in lc.target_modules if m not in present]
+    if missing:
+        raise ConfigError(f"lora.target_modules: {', '.join(missing)} not found in {cfg.model.name}")
+    config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
+                        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total), 4-bit weights counted as the parameters they pack."""
+    return model.get_nb_trainable_parameters()
+
+
+def adapter_meta(cfg: Config, labels) -> dict:
+    return {"model": cfg.model.name, "task": cfg.data.task, "template": cfg.data.template, "labels": list(labels)}
+
+
+def check_adapter(adapter: str, cfg: Config) -> dict:
+    """The adapter's recorded base model and task, checked against this run's config."""
+    folder = Path(adapter)
+    if not folder.is_dir():
+        raise ModelLoadError(f"adapter folder not found: {folder}")
+    if not (folder / "adapter_config.json").is_file():
+        raise ModelLoadError(f"{folder} is not a PEFT adapter folder (no adapter_config.json)")
+    meta_path = folder / ADAPTER_META
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta.get("model") and meta["model"] != cfg.model.name:
+        raise ModelLoadError(f"adapter {folder} was trained on base model '{meta['model']}', "
+                             f"not '{cfg.model.name}' (set model.name={meta['model']})")
+    if meta.get("task") and meta["task"] != cfg.data.task:
+        raise ModelLoadError(f"adapter {folder} was trained for the {meta['task']} task, not {cfg.data.task} "
+                             f"(set data.task={meta['task']})")
+    return meta
+
+
+def load_for_inference(cfg: Config, accelerator, adapter: str = ""):
+    """(model in eval mode, tokenizer): the base model, with the trained adapter when given."""
+    if adapter:
+        check_adapter(adapter, cfg)
+    model, tokenizer, plan = load_base(cfg, accelerator)
+    if adapter:
+        from peft import PeftModel
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except Exception as e:  # noqa: BLE001
+            raise ModelLoadError(f"could not load adapter {adapter}: {str(e).splitlines()[0]}") from None
+    if plan.device_map is None:
+        model = model.to(accelerator.device)
+    return model.eval(), tokenizer

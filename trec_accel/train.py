@@ -1,0 +1,313 @@
+"""The training recipe: QLoRA on TREC with a plain PyTorch loop wrapped by Accelerate.
+
+Features: 4-bit NF4 base (CUDA) or bf16/fp32, LoRA, shared-prefix batches, gradient accumulation with the
+loss normalised by the label tokens of the whole global batch (so N processes train exactly like one),
+clipping, AdamW / paged AdamW, cosine or linear schedule with warm-up, periodic validation loss and
+accuracy, W&B or TensorBoard, atomic checkpoints every N steps, exact mid-epoch resume, and a checkpoint
+on SIGTERM / SIGUSR1 before a clean exit.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .batching import Encoder, collate, epoch_order, micro_batches, shard
+from .config import Config, ConfigError, save_config, to_dict
+from .data import load_splits
+from .loss import LabelLoss, batch_loss
+from .model import ADAPTER_META, adapter_meta, add_lora, load_base, parameter_counts, prepare_for_training
+
+log = logging.getLogger("trec_accel")
+
+
+def make_accelerator(cfg: Config, gradient_accumulation_steps: int = 1):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, parse_flag_from_env
+
+    # Decided before the Accelerator exists: creating a PartialState first would fix the device and
+    # ignore `accelerate launch --cpu`.
+    cuda = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if not precision or precision == "no":
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() and cfg.model.dtype in ("auto", "bf16") else "no"
+    trackers = [] if cfg.log.tracker == "none" else [cfg.log.tracker]
+    if cfg.log.tracker == "wandb" and not os.environ.get("WANDB_API_KEY") and not (Path.home() / ".netrc").is_file():
+        os.environ.setdefault("WANDB_MODE", "offline")  # no key or no network: keep the run on disk
+    accelerator = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=precision,
+                              log_with=trackers or None,
+                              project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=cfg.output_dir),
+                              step_scheduler_with_optimizer=False)
+    return accelerator
+
+
+def make_optimizer(cfg: Config, params):
+    t = cfg.train
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    try:
+        import bitsandbytes.optim as bnb_optim
+    except ImportError:
+        raise ConfigError(f"train.optimizer={t.optimizer} needs bitsandbytes") from None
+    cls = {"paged_adamw_32bit": bnb_optim.PagedAdamW32bit, "paged_adamw_8bit": bnb_optim.PagedAdamW8bit,
+           "adamw_8bit": bnb_optim.AdamW8bit}[t.optimizer]
+    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def make_scheduler(cfg: Config, optimizer, total_steps: int):
+    from transformers import get_scheduler
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.train.scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=total_steps)
+
+
+def configure_backend(accelerator, cfg: Config) -> None:
+    """Hand DeepSpeed the batch and clipping it would otherwise take from a dataloader."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        ds = plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+        ds["gradient_accumulation_steps"] = cfg.train.grad_accum
+        ds["gradient_clipping"] = cfg.train.max_grad_norm or 0.0
+
+
+def shared_prefix_reason(cfg: Config, encoder: Encoder, encoded) -> str | None:
+    """None when the shared-prefix path can run, else why not."""
+    if not cfg.train.shared_prefix:
+        return "train.shared_prefix is false"
+    if cfg.model.gradient_checkpointing:
+        return "Transformers' gradient checkpointing drops the key/value cache that carries the prefix"
+    bad = sum(not encoder.shares_prefix(e) for e in encoded)
+    if bad:
+        return f"{bad} prompts do not start with the instruction's tokens (the tokenizer merges across it)"
+    return None
+
+
+class SignalFlag:
+    """SIGTERM / SIGUSR1 (what SLURM sends before a time limit or preemption) ask for a checkpoint and exit."""
+
+    def __init__(self):
+        self.signum = 0
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+
+def _trainable_only(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def run(cfg: Config) -> dict:
+    """Train as configured; returns a summary (also in output_dir/train_summary.json)."""
+    from accelerate.utils import set_seed
+    from .evaluate import evaluate_examples
+    from .reports import plot_training_curves, write_json
+
+    out = Path(cfg.output_dir)
+    splits = load_splits(cfg.data.path, cfg.data.task, cfg.data.val_fraction, cfg.data.split_seed)
+    train_examples = splits["train"][: cfg.data.max_examples or None]
+    val_examples = splits["validation"]
+
+    accelerator = make_accelerator(cfg, cfg.train.grad_accum)
+    configure_backend(accelerator, cfg)
+    main = accelerator.is_main_process
+    if main:
+        save_config(cfg, out / "config.yaml")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    set_seed(cfg.seed)
+
+    model, tokenizer, plan = load_base(cfg, accelerator)
+    model = add_lora(prepare_for_training(model, cfg, plan), cfg)
+    trainable, total = parameter_counts(model)
+    log.info("trainable parameters: %s of %s (%.3f%%), backend %s, %s%s", f"{trainable:,}", f"{total:,}",
+             100 * trainable / total, plan.backend, plan.dtype, " 4-bit NF4" if plan.quantize else "")
+
+    encoder = Encoder(tokenizer, cfg.data.task, cfg.data.template)
+    encoded = [encoder.encode(e.text, e.label) for e in train_examples]
+    reason = shared_prefix_reason(cfg, encoder, encoded)
+    prefix = encoder.prefix_ids if reason is None else None
+    log.info("shared prefix: %s", f"on ({len(encoder.prefix_ids)} tokens run once per batch)" if reason is None
+             else f"off ({reason})")
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_micro = cfg.train.batch_size * world
+    steps_per_epoch = len(encoded) // global_micro // cfg.train.grad_accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(encoded)} training examples are fewer than one optimizer step needs "
+                          f"({global_micro * cfg.train.grad_accum}); lower train.batch_size or train.grad_accum")
+    total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
+
+    loss_model = LabelLoss(model)
+    params = [p for p in loss_model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params)
+    scheduler = make_scheduler(cfg, optimizer, total_steps)
+    loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    keep = _trainable_only(loss_model)
+
+    def adapter_weights_only(models, weights, output_dir):
+        # Frozen base weights are the same in every checkpoint: store only what training changes.
+        for w in weights:
+            for k in [k for k in w if not any(k.endswith(t) or t.endswith(k) for t in keep)]:
+                del w[k]
+
+    accelerator.register_save_state_pre_hook(adapter_weights_only)
+
+    state = {"step": 0, "epoch": 0, "position": 0, "history": [], "best_accuracy": None, "best_step": None}
+    ckpt_root = out / "checkpoints"
+    resume_from = checkpoint.find_resume(cfg.resume, ckpt_root)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from), strict=False)
+        state = checkpoint.load_trainer_state(resume_from)
+        log.info("resumed from %s at step %d (epoch %d, example %d)", resume_from, state["step"], state["epoch"],
+                 state["position"])
+
+    if cfg.log.tracker != "none":
+        run_name = cfg.log.run_name or out.name
+        accelerator.init_trackers(cfg.log.project, config=to_dict(cfg),
+                                  init_kwargs={"wandb": {"name": run_name}} if cfg.log.tracker == "wandb" else {})
+
+    flag = SignalFlag()
+    lengths = [len(e.prompt_ids) + len(e.label_ids) for e in encoded]
+    pad = tokenizer.pad_token_id
+    max_norm = cfg.train.max_grad_norm or float("inf")
+    device = accelerator.device
+    window: list[list[int]] = []
+    tokens_seen, t0 = 0, time.perf_counter()
+    interrupted = False
+
+    def save(step_state: dict, protect=()) -> Path:
+        best = (state["best_step"],) if state["best_step"] is not None else ()
+        return checkpoint.save(accelerator, ckpt_root, step_state["step"], step_state, cfg.train.keep_last,
+                               protect=tuple(protect) + best)
+
+    def validate() -> dict:
+        loss_model.eval()
+        metrics, _ = evaluate_examples(accelerator.unwrap_model(loss_model).model, encoder, val_examples, accelerator,
+                                       cfg.eval.batch_size, cfg.eval.normalize, prefix is not None)
+        val_loss = validation_loss(loss_model, encoder, val_examples, accelerator, cfg.eval.batch_size, prefix, pad)
+        loss_model.train()
+        return {"val/loss": val_loss, "val/accuracy": metrics["accuracy"], "val/macro_f1": metrics["macro_f1"]}
+
+    loss_model.train()
+    pbar = None
+    if main:
+        from tqdm.auto import tqdm
+        pbar = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True)
+    while state["step"] < total_steps and not interrupted:
+        order = epoch_order(lengths, cfg.seed, state["epoch"], cfg.train.group_by_length, global_micro)
+        for position, indices in micro_batches(order, state["position"], global_micro):
+            window.append(indices)
+            if len(window) < cfg.train.grad_accum:
+                continue
+            # Every process knows the global batch, so the normaliser needs no communication.
+            n_global = sum(len(encoded[i].label_ids) for idx in window for i in idx)
+            scale = cfg.train.grad_accum * world / n_global
+            loss_local = torch.zeros((), device=device)
+            for idx in window:
+                batch = collate([encoded[i] for i in shard(idx, rank, world)], pad, prefix).to(device)
+                tokens_seen += batch.n_tokens
+                with accelerator.accumulate(loss_model):
+                    loss_sum, _ = batch_loss(loss_model, batch)
+                    accelerator.backward(loss_sum * scale)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_local += loss_sum.detach()
+            scheduler.step()
+            window = []
+            state["step"] += 1
+            state["position"] = position
+            step = state["step"]
+            if pbar is not None:
+                pbar.update(1)
+
+            stop = accelerator.reduce(torch.tensor(float(flag.signum), device=device), "max").item() > 0
+            last = step >= total_steps
+            if step % cfg.train.log_every == 0 or last:
+                loss = accelerator.reduce(loss_local, "sum").item() / n_global
+                elapsed = time.perf_counter() - t0
+                toks = accelerator.reduce(torch.tensor(float(tokens_seen), device=device), "sum").item()
+                row = {"step": step, "train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
+                       "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
+                       "train/tokens_per_s": toks / elapsed, "train/epoch": state["epoch"] + position / len(order)}
+                if device.type == "cuda":
+                    row["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                tokens_seen, t0 = 0, time.perf_counter()
+                if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
+                    row.update(validate())
+                    if state["best_accuracy"] is None or row["val/accuracy"] > state["best_accuracy"]:
+                        state["best_accuracy"], state["best_step"] = row["val/accuracy"], step
+                state["history"].append(row)
+                accelerator.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=step)
+                if pbar is not None:
+                    pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['train/lr']:.2e}")
+                log.info(json.dumps(row))
+            if stop or (cfg.train.save_every and step % cfg.train.save_every == 0) or state["best_step"] == step:
+                save(dict(state))
+            if stop:
+                log.warning("signal %d received: saved a checkpoint at step %d, exiting", flag.signum, step)
+                interrupted = True
+                break
+            if last:
+                break
+        else:
+            state["epoch"] += 1
+            state["position"] = 0
+    if pbar is not None:
+        pbar.close()
+
+    summary = {"status": "interrupted" if interrupted else "finished", "step": state["step"],
+               "trainable_parameters": trainable, "total_parameters": total, "shared_prefix": reason is None,
+               "best_accuracy": state["best_accuracy"], "best_step": state["best_step"]}
+    if not interrupted:
+        save_adapter(accelerator, loss_model, tokenizer, cfg, encoder.labels, out / "adapter")
+        if main:
+            plot_training_curves(state["history"], out / "training_curves.png")
+            write_json(state["history"], out / "history.json")
+    if main:
+        write_json(summary, out / "train_summary.json")
+    accelerator.end_training()
+    return summary
+
+
+def validation_loss(loss_model, encoder: Encoder, examples, accelerator, batch_size: int, prefix, pad: int) -> float:
+    """Mean label-token loss over the examples, sharded across processes."""
+    encoded = [encoder.encode(e.text, e.label) for e in examples]
+    mine = encoded[accelerator.process_index :: accelerator.num_processes]
+    total = torch.zeros(2, device=accelerator.device)
+    with torch.no_grad():
+        for i in range(0, len(mine), batch_size):
+            batch = collate(mine[i : i + batch_size], pad, prefix).to(accelerator.device)
+            loss_sum, n = batch_loss(loss_model, batch)
+            total += torch.stack([loss_sum.float(), n.float()])
+    total = accelerator.reduce(total, "sum")
+    return (total[0] / total[1]).item()
+
+
+def save_adapter(accelerator, loss_model, tokenizer, cfg: Config, labels, dest: Path) -> None:
+    """The PEFT adapter (gathered whole under FSDP / ZeRO-3), tokenizer and resolved config, published atomically."""
+    state_dict = accelerator.get_state_dict(loss_model)  # every process takes part in the gather
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(loss_model).model
+        inner = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp), state_dict=inner)
+        tokenizer.save_pretrained(str(tmp))
+        save_config(cfg, tmp / "config.yaml")
+        (tmp / ADAPTER_META).write_text(json.dumps(adapter_meta(cfg, labels), indent=1))
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+        log.info("adapter saved to %s", dest)
+    accelerator.wait_for_everyone()
