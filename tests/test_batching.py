@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from trec_accel.batching import IGNORE, Encoder, collate, epoch_order, micro_batches, shard
 from trec_accel.labels import COARSE_LABELS, FINE_LABELS

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -78,7 +80,15 @@ def test_every_field_is_documented():
             "train.lr"} <= {k for k, _, _ in rows}
 
 
-@pytest.mark.parametrize("name", ["tiny", "smollm2_coarse", "smollm2_fine", "mistral7b_coarse", "mistral7b_fine"])
+SHIPPED = sorted(p.stem for p in (Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_the_issue_configs_are_shipped():
+    assert {"tiny", "smollm2_coarse", "smollm2_fine", "mistral7b_coarse", "mistral7b_fine"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_load(name):
-    cfg = load_config(f"configs/{name}.yaml")
-    assert isinstance(cfg, Config) and cfg.data.task in name + ("coarse" if name == "tiny" else "")
+    cfg = load_config(Path(__file__).parent.parent / "configs" / f"{name}.yaml")
+    assert isinstance(cfg, Config) and cfg.output_dir == f"runs/{name}"
+    assert cfg.data.task == ("fine" if "fine" in name else "coarse")

@@ -6,7 +6,7 @@ from trec_accel.batching import Encoder, collate
 from trec_accel.config import load_config
 from trec_accel.evaluate import score_prompts
 from trec_accel.loss import LabelLoss, batch_loss
-from trec_accel.model import add_lora
+from trec_accel.model import add_lora, prepare_for_training
 
 QUESTIONS = ["Who wrote Hamlet ?", "How many legs does a spider have ?", "What is a sonnet ?",
              "What does NASA stand for ?", "Where is the highest waterfall in the United States ?"]
@@ -27,6 +27,18 @@ def lora_model(tiny_model_path):
     return model
 
 
+@pytest.fixture(scope="module")
+def checkpointed_model(tiny_model_path, lora_model):
+    """The same weights as lora_model, with activation checkpointing of every layer."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    cfg = load_config(None, ["lora.r=4", "lora.dropout=0.0", "model.name=tiny-random-mistral",
+                             "model.gradient_checkpointing=true"])
+    model = add_lora(prepare_for_training(model, cfg), cfg)
+    model.load_state_dict(lora_model.state_dict())
+    return model
+
+
 def grads(model, loss_model, batch):
     model.zero_grad(set_to_none=True)
     loss_sum, n = batch_loss(loss_model, batch)
@@ -35,12 +47,18 @@ def grads(model, loss_model, batch):
 
 
 @pytest.mark.parametrize("task", ["coarse", "fine"])
-def test_shared_prefix_matches_full_sequences(lora_model, tokenizer, task):
+def test_shared_prefix_matches_full_sequences(lora_model, checkpointed_model, tokenizer, task):
     enc = Encoder(tokenizer, task, "notebook")
     exs = [enc.encode(q, i % len(enc.labels)) for i, q in enumerate(QUESTIONS)]
     loss_model = LabelLoss(lora_model).train()
     plain_loss, plain = grads(lora_model, loss_model, collate(exs, tokenizer.pad_token_id))
     shared_loss, shared = grads(lora_model, loss_model, collate(exs, tokenizer.pad_token_id, enc.prefix_ids))
+    # The same with every layer checkpointed: the recomputation must see the same prefix cache.
+    ckpt = LabelLoss(checkpointed_model).train()
+    ckpt_loss, ckpt_grads = grads(checkpointed_model, ckpt, collate(exs, tokenizer.pad_token_id, enc.prefix_ids))
+    assert ckpt_loss == pytest.approx(plain_loss, rel=1e-5)
+    for name, g in plain.items():
+        torch.testing.assert_close(ckpt_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
     assert shared_loss == pytest.approx(plain_loss, rel=1e-5)
     assert len(plain) == 2 * 7 * 2 + 2  # lora_A and lora_B of 7 projections x 2 layers, plus lm_head's
     for name, g in plain.items():

@@ -9,11 +9,10 @@ import dataclasses
 import difflib
 import os
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -283,6 +282,17 @@ def validate(cfg: Config) -> None:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def flat_dict(cfg: Config) -> dict[str, Any]:
+    """{dotted.key: scalar}: what trackers take as run parameters (TensorBoard refuses lists and nesting)."""
+    def walk(d: dict, prefix: str):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from walk(v, f"{prefix}{k}.")
+            else:
+                yield prefix + k, ",".join(v) if isinstance(v, list) else v
+    return dict(walk(to_dict(cfg), ""))
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

@@ -126,8 +126,14 @@ def match_label(text: str, labels: Sequence[str]) -> int:
 
 
 def evaluate_examples(model, encoder: Encoder, examples, accelerator, batch_size: int, normalize: str = "sum",
-                      shared: bool = True, method: str = "score", max_new_tokens: int = 10) -> tuple[dict, list[dict]]:
-    """Metrics and one prediction row per example, identical on every process."""
+                      shared: bool = True, method: str = "score", max_new_tokens: int = 10,
+                      call_model=None) -> tuple[dict, list[dict]]:
+    """Metrics and one prediction row per example, identical on every process.
+
+    `call_model(fn)` runs `fn(model)` where the model's parameters are available: by default directly,
+    during training through the wrapped module's forward (see LabelLoss).
+    """
+    call_model = call_model or (lambda fn: fn(model))
     from accelerate.utils import gather_object
 
     if not examples:
@@ -141,7 +147,7 @@ def evaluate_examples(model, encoder: Encoder, examples, accelerator, batch_size
         prompts = [e.prompt_ids for e in encs]
         if method == "score":
             use_shared = shared and all(encoder.shares_prefix(e) for e in encs)
-            scores = score_prompts(model, encoder, prompts, use_shared, normalize).cpu()
+            scores = call_model(lambda m: score_prompts(m, encoder, prompts, use_shared, normalize)).cpu()
             for j, sc in zip(chunk, scores):
                 rows.append({"index": j, "pred": int(sc.argmax()), "scores": [round(float(x), 4) for x in sc]})
         else:
@@ -168,19 +174,15 @@ def evaluate_examples(model, encoder: Encoder, examples, accelerator, batch_size
 
 
 def log_to_trackers(accelerator, metrics: dict, png: Path, step: int, prefix: str = "val") -> None:
-    """Accuracy and F1 for every tracker; in W&B also a per-class table and the confusion-matrix image."""
-    accelerator.log({f"{prefix}/accuracy": metrics["accuracy"], f"{prefix}/macro_f1": metrics["macro_f1"]}, step=step)
-    try:
-        tracker = accelerator.get_tracker("wandb", unwrap=True)
-    except Exception:  # noqa: BLE001 - no W&B tracker configured
+    """W&B's extras beside the scalars every tracker gets: a per-class table and the confusion-matrix image."""
+    if not accelerator.is_main_process or not any(t.name == "wandb" for t in accelerator.trackers):
         return
     import wandb
-    if not hasattr(tracker, "log"):
-        return
+    run = accelerator.get_tracker("wandb", unwrap=True)
     table = wandb.Table(columns=["label", "precision", "recall", "f1", "support", "accuracy"],
                         data=[[k, v["precision"], v["recall"], v["f1"], v["support"], v["accuracy"]]
                               for k, v in metrics["per_class"].items()])
-    tracker.log({f"{prefix}/per_class": table, f"{prefix}/confusion_matrix": wandb.Image(str(png))}, step=step)
+    run.log({f"{prefix}/per_class": table, f"{prefix}/confusion_matrix": wandb.Image(str(png))}, step=step)
 
 
 def select_split(cfg, splits: dict) -> tuple[str, list]:
@@ -203,10 +205,12 @@ def select_split(cfg, splits: dict) -> tuple[str, list]:
 def run(cfg) -> dict:
     """Evaluate the base model (zero-shot) or cfg.adapter on eval.split; write the reports to output_dir."""
     from .data import load_splits
-    from .model import load_for_inference
+    from .model import check_adapter, load_for_inference
     from .reports import format_report, plot_confusion_matrix, write_json, write_jsonl
     from .train import make_accelerator
 
+    if cfg.adapter:  # before the data: a wrong adapter is the clearer error
+        check_adapter(cfg.adapter, cfg)
     split, examples = select_split(cfg, load_splits(cfg.data.path, cfg.data.task, cfg.data.val_fraction,
                                                     cfg.data.split_seed))
     accelerator = make_accelerator(cfg)

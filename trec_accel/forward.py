@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -34,6 +35,7 @@ def prefix_cache(decoder: nn.Module, prefix_ids: torch.Tensor, batch_size: int):
         return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
 
     cache.update = read_only_update
+    cache.read_only = True
     return cache
 
 
@@ -67,3 +69,21 @@ def next_token_logits(lm_head: nn.Module, hidden: torch.Tensor, positions: torch
     """Float logits at the selected (B, S) positions only: the vocabulary projection is the costliest
     matrix of a short sequence, so it is never taken where no loss or score needs it."""
     return lm_head(hidden[positions]).float()
+
+
+def checkpoint_layers(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer.
+
+    Our own rather than Transformers' `gradient_checkpointing_enable`, which drops the key/value cache
+    inside checkpointed layers. The prefix cache is read-only, so the recomputation in the backward pass
+    sees exactly what the forward pass saw (dropout masks too: the RNG state is replayed). The prefix
+    pass itself writes its cache, so it is not checkpointed; at batch size 1 it holds little memory.
+    """
+    decoder, _ = parts(model)
+    for layer in decoder.layers:
+        def forward(*args, _forward=layer.forward, **kwargs):
+            cache = kwargs.get("past_key_values")
+            if not torch.is_grad_enabled() or (cache is not None and not getattr(cache, "read_only", False)):
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+        layer.forward = forward

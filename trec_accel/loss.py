@@ -18,10 +18,16 @@ class LabelLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                prefix_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, prefix_ids: torch.Tensor | None = None, call=None):
         """(sum of label-token losses, number of label tokens). The caller normalises, so the loss of a
-        global batch can be divided by its token count across micro-batches and processes."""
+        global batch can be divided by its token count across micro-batches and processes.
+
+        `call(model)` instead runs any other computation inside this forward, where FSDP and ZeRO-3 have
+        gathered the parameters (validation scoring during training uses it).
+        """
+        if call is not None:
+            return call(self.model)
         decoder, lm_head = parts(self.model)
         hidden = hidden_states(decoder, input_ids, attention_mask, prefix_ids)
         # Position t predicts token t+1; prompt and padding carry IGNORE.

