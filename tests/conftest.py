@@ -1,4 +1,7 @@
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,3 +46,26 @@ def toy_data(tmp_path) -> Path:
         for r in rows[:11]:
             f.write(json.dumps(r) + "\n")
     return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: str, args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a script on `nproc` CPU processes (plain python for one, accelerate launch + gloo for more).
+
+    accelerate 1.x starts several CPU processes only through its torchrun path: --multi_gpu with
+    ACCELERATE_USE_CPU=1 (see accelerate_configs/cpu_multiprocess.yaml).
+    """
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", TOKENIZERS_PARALLELISM="false")
+    path = str(ROOT / "scripts" / script)
+    if nproc == 1:
+        cmd = [sys.executable, path, *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), path, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

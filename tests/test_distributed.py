@@ -12,42 +12,25 @@ A 2-process run writes one adapter and one checkpoint set (from the main process
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, toy_data as _toy_fixture
+from conftest import ROOT, launch, toy_data as _toy_fixture
 
 CONFIG = str(ROOT / "configs" / "tiny.yaml")
 STEPS = 10
 LOSS_RTOL = 1e-4
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train(nproc: int, out: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", TOKENIZERS_PARALLELISM="false")
     batch = 4 // nproc
     args = ["--config", CONFIG, f"data.path={data}", f"output_dir={out}", f"train.max_steps={STEPS}",
             f"train.batch_size={batch}", "train.grad_accum=2", "lora.dropout=0", "train.log_every=1",
             "train.save_every=5", "train.eval_every=0", *extra]
-    script = str(ROOT / "scripts" / "train.py")
-    if nproc == 1:
-        cmd = [sys.executable, script, *args]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), script, *args]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    r = launch("train.py", args, nproc, timeout=400)
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-4000:]}"
     return r
 

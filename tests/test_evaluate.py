@@ -12,36 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, needs_trec, toy_data as _toy_fixture
+from conftest import ROOT, launch, needs_trec, toy_data as _toy_fixture
 
 CONFIG = str(ROOT / "configs" / "tiny.yaml")
 LABELS = ["ABBR", "ENTY", "DESC", "HUM", "LOC", "NUM"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(script: str, args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run a script on `nproc` CPU processes (plain python for one, accelerate launch + gloo for more)."""
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", TOKENIZERS_PARALLELISM="false")
-    path = str(ROOT / "scripts" / script)
-    if nproc == 1:
-        cmd = [sys.executable, path, *args]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), path, *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -270,19 +270,7 @@ def _new_figure(figsize: tuple[float, float]):
 
 
 def _save_figure(fig, path, dpi: int = 100) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    _atomic_write(path, "wb", lambda fh: fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight"))
 
 
 def plot_confusion_matrix(
@@ -445,13 +433,14 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
 
 
-def _atomic_write_text(path, text: str) -> None:
+def _atomic_write(path, mode: str, write) -> None:
+    """`write(file)` into a temporary file beside `path`, then rename: readers never see a half file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -461,6 +450,10 @@ def _atomic_write_text(path, text: str) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def _atomic_write_text(path, text: str) -> None:
+    _atomic_write(path, "w", lambda fh: fh.write(text))
 
 
 def write_json(obj: Any, path) -> None:
