@@ -56,7 +56,7 @@ def load_plan(cfg: Config, accelerator) -> LoadPlan:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
     backend = backend_of(accelerator)
     sharded = backend in ("fsdp", "zero3")
-    if sharded and cfg.train.optimizer.startswith("paged") :
+    if sharded and cfg.train.optimizer.startswith("paged"):
         raise ConfigError(f"train.optimizer={cfg.train.optimizer} cannot be used with {backend}: the backend shards "
                           "optimizer state itself; use train.optimizer=adamw")
     # Sharding backends flatten parameters of one dtype: 4-bit weights are stored in the training dtype

@@ -241,8 +241,9 @@ def run(cfg: Config) -> dict:
             scale = cfg.train.grad_accum * world / n_global
             loss_local = torch.zeros((), device=device)
             for idx in window:
-                batch = collate([encoded[i] for i in shard(idx, rank, world)], pad, prefix).to(device)
-                tokens_seen += batch.n_tokens
+                batch = collate([encoded[i] for i in shard(idx, rank, world)], pad, prefix)
+                tokens_seen += batch.n_tokens  # counted on the CPU tensors: no device sync
+                batch = batch.to(device)
                 with accelerator.accumulate(loss_model):
                     loss_sum, _ = batch_loss(loss_model, batch)
                     accelerator.backward(loss_sum * scale)

@@ -1,0 +1,41 @@
+"""The loading plan follows the active backend, and impossible combinations are refused before loading."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate.utils import DistributedType
+
+from trec_accel.config import ConfigError, load_config
+from trec_accel.model import load_plan
+
+
+def fake_accelerator(kind=DistributedType.NO, processes=1, device="cpu", zero_stage=2):
+    state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=zero_stage))
+    return SimpleNamespace(distributed_type=kind, num_processes=processes, device=torch.device(device), state=state)
+
+
+def test_cpu_runs_unquantized_fp32():
+    plan = load_plan(load_config(), fake_accelerator())
+    assert (plan.backend, plan.quantize, plan.dtype, plan.device_map) == ("single", False, torch.float32, None)
+    assert load_plan(load_config(None, ["model.dtype=bf16"]), fake_accelerator()).dtype == torch.bfloat16
+
+
+def test_nf4_on_cpu_is_refused():
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        load_plan(load_config(None, ["model.quantization=nf4"]), fake_accelerator())
+
+
+@pytest.mark.parametrize("kind, stage, backend", [(DistributedType.FSDP, 0, "fsdp"),
+                                                  (DistributedType.DEEPSPEED, 3, "zero3"),
+                                                  (DistributedType.DEEPSPEED, 2, "deepspeed"),
+                                                  (DistributedType.MULTI_GPU, 0, "ddp")])
+def test_backend_is_read_from_the_accelerator(kind, stage, backend):
+    plan = load_plan(load_config(), fake_accelerator(kind, processes=2, zero_stage=stage))
+    assert plan.backend == backend
+
+
+@pytest.mark.parametrize("kind, stage", [(DistributedType.FSDP, 0), (DistributedType.DEEPSPEED, 3)])
+def test_paged_optimizers_are_refused_where_the_backend_shards_the_state(kind, stage):
+    cfg = load_config(None, ["train.optimizer=paged_adamw_32bit"])
+    with pytest.raises(ConfigError, match="cannot be used with"):
+        load_plan(cfg, fake_accelerator(kind, processes=2, zero_stage=stage))
