@@ -203,6 +203,7 @@ def run(cfg: Config) -> dict:
     window: list[list[int]] = []
     tokens_seen, t0 = 0, time.perf_counter()
     train_seconds, sequences = 0.0, 0  # time in optimizer steps only: validation and saving excluded
+    loss_local, label_tokens = torch.zeros((), device=device), 0  # summed over the steps of one log interval
     interrupted = False
 
     def save(step_state: dict) -> Path:
@@ -239,7 +240,6 @@ def run(cfg: Config) -> dict:
             # Every process knows the global batch, so the normaliser needs no communication.
             n_global = sum(len(encoded[i].label_ids) for idx in window for i in idx)
             scale = cfg.train.grad_accum * world / n_global
-            loss_local = torch.zeros((), device=device)
             for idx in window:
                 batch = collate([encoded[i] for i in shard(idx, rank, world)], pad, prefix)
                 tokens_seen += batch.n_tokens  # counted on the CPU tensors: no device sync
@@ -252,6 +252,7 @@ def run(cfg: Config) -> dict:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 loss_local += loss_sum.detach()
+            label_tokens += n_global
             scheduler.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -267,7 +268,10 @@ def run(cfg: Config) -> dict:
             stop = accelerator.reduce(torch.tensor(float(flag.signum), device=device), "max").item() > 0
             last = step >= total_steps
             if step % cfg.train.log_every == 0 or last:
-                loss = accelerator.reduce(loss_local, "sum").item() / n_global
+                # The mean over every label token since the last log, not just this step's.
+                loss = accelerator.reduce(loss_local, "sum").item() / label_tokens
+                loss_local.zero_()
+                label_tokens = 0
                 elapsed = time.perf_counter() - t0
                 toks = accelerator.reduce(torch.tensor(float(tokens_seen), device=device), "sum").item()
                 row = {"step": step, "train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
