@@ -140,10 +140,14 @@ def evaluate_examples(model, encoder: Encoder, examples, accelerator, batch_size
         raise EvalError("the split to evaluate is empty")
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(rank, len(examples), world))
+    encoded = {j: encoder.encode(examples[j].text) for j in mine}
+    # Batches of questions of similar length: a row is as long as its batch's longest question, and
+    # questions run from 5 to 60 tokens. Rows carry their index, so the order is restored after the gather.
+    mine.sort(key=lambda j: len(encoded[j].prompt_ids))
     rows = []
     for i in range(0, len(mine), batch_size):
         chunk = mine[i : i + batch_size]
-        encs = [encoder.encode(examples[j].text) for j in chunk]
+        encs = [encoded[j] for j in chunk]
         prompts = [e.prompt_ids for e in encs]
         if method == "score":
             use_shared = shared and all(encoder.shares_prefix(e) for e in encs)
