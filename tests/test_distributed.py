@@ -110,3 +110,14 @@ def test_resume_on_two_processes(runs):
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5, msg=k)
     assert sorted(p.name for p in (dst / "checkpoints").iterdir()) == ["step-10", "step-5"]
+
+
+def test_two_processes_with_activation_checkpointing(runs, tmp_path):
+    """DDP + LoRA + per-layer checkpointing trains (no "marked ready twice" error) and, checkpointing being
+    exact recomputation, follows the un-checkpointed 2-process run."""
+    out = tmp_path / "ckpt"
+    train(2, out, runs["data"], "model.gradient_checkpointing=true")
+    got, want = losses(out), losses(runs["two"])
+    assert [s for s, _ in got] == [s for s, _ in want]
+    for (_, a), (_, b) in zip(got, want):
+        assert a == pytest.approx(b, rel=LOSS_RTOL)

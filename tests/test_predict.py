@@ -110,6 +110,18 @@ def test_adapter_task_mismatch(adapter):
                    "coarse task, not fine")
 
 
+def test_adapter_weights_that_fit_no_layer(adapter, tmp_path):
+    # peft would only warn and run the untrained model; an export that lost its names must stop here.
+    import shutil
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "adapter"
+    shutil.copytree(adapter, broken)
+    weights = load_file(str(broken / "adapter_model.safetensors"))
+    save_file({k.replace("self_attn", "_fsdp_wrapped_module.self_attn"): v for k, v in weights.items()},
+              str(broken / "adapter_model.safetensors"))
+    one_error_line(run_script("predict.py", f"adapter={broken}", "Who wrote Hamlet ?"), "match no layer of the model")
+
+
 # --------------------------------------------------------------------------- in-process helpers
 
 

@@ -89,6 +89,11 @@ def test_script_trains_and_writes_a_loadable_adapter(tmp_path, toy_data, tiny_mo
     assert {"val/loss", "val/accuracy", "val/macro_f1"} <= set(rows[-1])
     summary = read_json(out / "train_summary.json")
     assert summary["status"] == "finished" and summary["step"] == 30
+    # What the benchmark derives its steady-state speed from.
+    cfg = load_config(TINY, overrides)
+    assert summary["global_batch"] == cfg.train.batch_size * cfg.train.grad_accum
+    assert summary["sequences"] == 30 * summary["global_batch"]
+    assert 0 < summary["first_step_seconds"] < summary["train_seconds"]
 
     # The resolved config is saved and reloads equal to what the run was given.
     want = load_config(TINY, overrides)
@@ -365,3 +370,16 @@ def test_trackers_record_the_run(tmp_path, toy_data, monkeypatch, tracker):
     else:
         runs = list((tmp_path / "wandb").glob("offline-run-*"))
         assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_shared_prefix_falls_back_where_it_cannot_run(tokenizer):
+    """FSDP-1 (seen on GPUs: unreduced bf16 gradients) and an explicit switch take the plain path, with a reason."""
+    from trec_accel.batching import Encoder
+    from trec_accel.train import shared_prefix_reason
+    enc = Encoder(tokenizer, "coarse", "notebook")
+    encoded = [enc.encode("Who wrote Hamlet ?", 1)]
+    cfg = load_config(TINY)
+    assert shared_prefix_reason(cfg, enc, encoded, "single") is None
+    assert shared_prefix_reason(cfg, enc, encoded, "zero3") is None
+    assert "FSDP" in shared_prefix_reason(cfg, enc, encoded, "fsdp")
+    assert "false" in shared_prefix_reason(load_config(TINY, ["train.shared_prefix=false"]), enc, encoded, "single")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .config import Config, ConfigError
 from .forward import checkpoint_layers
@@ -139,6 +140,22 @@ def parameter_counts(model) -> tuple[int, int]:
     return model.get_nb_trainable_parameters()
 
 
+def fsdp_lora_state_dict(root: nn.Module) -> dict:
+    """The LoRA weights of an FSDP-1 wrapped model, whole, on every process (all must call it).
+
+    Each LoRA layer is an FSDP unit of its own (peft's wrap policy), so the units are gathered one at a
+    time, never the 4-bit base; names are those of the unwrapped module. Used instead of FSDP's
+    FULL_STATE_DICT, which on 2 GPUs exported an adapter that scored like the untrained model (BENCHMARKS.md).
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    out = {}
+    for name, unit in root.named_modules():
+        if isinstance(unit, FSDP) and "lora_" in name and isinstance(unit.module, nn.Linear):
+            with FSDP.summon_full_params(unit, recurse=False, writeback=False):
+                out[name.replace("_fsdp_wrapped_module.", "") + ".weight"] = unit.module.weight.detach().cpu().clone()
+    return out
+
+
 def adapter_meta(cfg: Config, labels) -> dict:
     return {"model": cfg.model.name, "task": cfg.data.task, "template": cfg.data.template, "labels": list(labels)}
 
@@ -161,6 +178,22 @@ def check_adapter(adapter: str, cfg: Config) -> dict:
     return meta
 
 
+def check_adapter_weights(model, folder: Path) -> None:
+    """Every weight in the adapter file lands in the model: peft only warns about ones that do not, and a
+    model without its adapter weights quietly scores like the untrained one."""
+    from safetensors import safe_open
+    path = folder / "adapter_model.safetensors"
+    if not path.is_file():
+        return  # an older .bin adapter: peft's own checks only
+    with safe_open(str(path), "pt") as f:
+        saved = list(f.keys())
+    names = {n.replace(".default.", ".") for n, _ in model.named_parameters()}
+    unused = [k for k in saved if k not in names]
+    if unused:
+        raise ModelLoadError(f"adapter {folder}: {len(unused)} of its {len(saved)} weights match no layer of the "
+                             f"model (first: {unused[0]}); it was saved from another model or by a broken export")
+
+
 def load_for_inference(cfg: Config, accelerator, adapter: str = ""):
     """(model in eval mode, tokenizer): the base model, with the trained adapter when given."""
     if adapter:
@@ -172,6 +205,7 @@ def load_for_inference(cfg: Config, accelerator, adapter: str = ""):
             model = PeftModel.from_pretrained(model, adapter)
         except Exception as e:  # noqa: BLE001
             raise ModelLoadError(f"could not load adapter {adapter}: {str(e).splitlines()[0]}") from None
+        check_adapter_weights(model, Path(adapter))
     if plan.device_map is None:
         model = model.to(accelerator.device)
     return model.eval(), tokenizer

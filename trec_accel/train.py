@@ -24,7 +24,8 @@ from .batching import Encoder, collate, epoch_order, micro_batches, shard
 from .config import Config, ConfigError, flat_dict, save_config
 from .data import load_splits
 from .loss import LabelLoss, batch_loss
-from .model import ADAPTER_META, adapter_meta, add_lora, load_base, parameter_counts, prepare_for_training
+from .model import (ADAPTER_META, adapter_meta, add_lora, fsdp_lora_state_dict, load_base, parameter_counts,
+                    prepare_for_training)
 
 log = logging.getLogger("trec_accel")
 
@@ -78,10 +79,15 @@ def configure_backend(accelerator, cfg: Config) -> None:
         ds["gradient_clipping"] = cfg.train.max_grad_norm or 0.0
 
 
-def shared_prefix_reason(cfg: Config, encoder: Encoder, encoded) -> str | None:
+def shared_prefix_reason(cfg: Config, encoder: Encoder, encoded, backend: str) -> str | None:
     """None when the shared-prefix path can run, else why not."""
     if not cfg.train.shared_prefix:
         return "train.shared_prefix is false"
+    if backend == "fsdp":
+        # Seen on the GPU: FSDP-1 casts and reduces a unit's gradient in a hook that runs once per backward,
+        # and the instruction pass plus the question pass call each unit twice, leaving bf16 gradients
+        # beside fp32 parameters at the optimizer step.
+        return "FSDP-1 reduces each wrapped layer's gradient once per step, and the shared prefix calls every layer twice"
     bad = sum(not encoder.shares_prefix(e) for e in encoded)
     if bad:
         return f"{bad} prompts do not start with the instruction's tokens (the tokenizer merges across it)"
@@ -141,7 +147,7 @@ def run(cfg: Config) -> dict:
 
     encoder = Encoder(tokenizer, cfg.data.task, cfg.data.template)
     encoded = [encoder.encode(e.text, e.label) for e in train_examples]
-    reason = shared_prefix_reason(cfg, encoder, encoded)
+    reason = shared_prefix_reason(cfg, encoder, encoded, plan.backend)
     prefix = encoder.prefix_ids if reason is None else None
     log.info("shared prefix: %s", f"on ({len(encoder.prefix_ids)} tokens run once per batch)" if reason is None
              else f"off ({reason})")
@@ -158,8 +164,8 @@ def run(cfg: Config) -> dict:
     if fsdp is not None:  # FSDP replaces the parameters with flat ones: the optimizer must hold those
         loss_model = accelerator.prepare(loss_model)
     params = [p for p in loss_model.parameters() if p.requires_grad]
-    # FSDP's flat parameters mix the bf16 storage of 4-bit weights and fp32 LoRA units: the fused
-    # multi-tensor AdamW needs one dtype per call.
+    # Per-tensor AdamW under FSDP is the setup verified on GPUs (BENCHMARKS.md); FSDP holds the LoRA weights
+    # in a few flat parameters, so multi-tensor kernels would save little there.
     optimizer = make_optimizer(cfg, params, foreach=False if fsdp is not None else None)
     scheduler = make_scheduler(cfg, optimizer, total_steps)
     if fsdp is not None:
@@ -181,7 +187,9 @@ def run(cfg: Config) -> dict:
     ckpt_root = out / "checkpoints"
     resume_from = checkpoint.find_resume(cfg.resume, ckpt_root)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from), strict=False)
+        # Checkpoints hold the trainable weights only; DeepSpeed's engine names the same switch differently.
+        deepspeed = plan.backend in ("deepspeed", "zero3")
+        accelerator.load_state(str(resume_from), **{"load_module_strict" if deepspeed else "strict": False})
         # load_state restores Accelerate's micro-batch counter, which decides when gradients sync and the optimizer
         # steps. A checkpoint always falls between optimizer steps, so a new window starts here, whatever
         # grad_accum was before (3 micro-batches of grad_accum=1, resumed with 2, would step mid-window).
@@ -203,6 +211,7 @@ def run(cfg: Config) -> dict:
     window: list[list[int]] = []
     tokens_seen, t0 = 0, time.perf_counter()
     train_seconds, sequences = 0.0, 0  # time in optimizer steps only: validation and saving excluded
+    first_step_seconds = None  # this process's first step pays one-off costs (kernel selection, allocator growth)
     loss_local, label_tokens = torch.zeros((), device=device), 0  # summed over the steps of one log interval
     interrupted = False
 
@@ -256,7 +265,10 @@ def run(cfg: Config) -> dict:
             scheduler.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            train_seconds += time.perf_counter() - step_start
+            step_seconds = time.perf_counter() - step_start
+            train_seconds += step_seconds
+            if first_step_seconds is None:
+                first_step_seconds = step_seconds
             sequences += sum(len(idx) for idx in window)
             window = []
             state["step"] += 1
@@ -304,13 +316,16 @@ def run(cfg: Config) -> dict:
         pbar.close()
     flag.restore()
 
+    peaks = accelerator.gather(torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)).tolist() \
+        if device.type == "cuda" else None
     summary = {"status": "interrupted" if interrupted else "finished", "step": state["step"],
                "trainable_parameters": trainable, "total_parameters": total, "shared_prefix": reason is None,
                "best_accuracy": state["best_accuracy"], "best_step": state["best_step"],
-               "train_seconds": train_seconds, "sequences": sequences,
-               "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+               "train_seconds": train_seconds, "sequences": sequences, "first_step_seconds": first_step_seconds,
+               "global_batch": global_micro * cfg.train.grad_accum,
+               "peak_mem_gib": peaks[0] if peaks else None, "peak_mem_gib_per_process": peaks}
     if not interrupted:
-        save_adapter(accelerator, loss_model, tokenizer, cfg, encoder.labels, out / "adapter")
+        save_adapter(accelerator, loss_model, tokenizer, cfg, encoder.labels, out / "adapter", state["step"])
         if main:
             plot_training_curves(state["history"], out / "training_curves.png")
             write_json(state["history"], out / "history.json")
@@ -334,12 +349,22 @@ def validation_loss(loss_model, encoder: Encoder, examples, accelerator, batch_s
     return (total[0] / total[1]).item()
 
 
-def save_adapter(accelerator, loss_model, tokenizer, cfg: Config, labels, dest: Path) -> None:
+def save_adapter(accelerator, loss_model, tokenizer, cfg: Config, labels, dest: Path, steps: int) -> None:
     """The PEFT adapter (gathered whole under FSDP / ZeRO-3), tokenizer and resolved config, published atomically."""
-    state_dict = accelerator.get_state_dict(loss_model)  # every process takes part in the gather
+    # Every process takes part in the gather.
+    if getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        state_dict = fsdp_lora_state_dict(loss_model)
+    else:
+        state_dict = accelerator.get_state_dict(loss_model)
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(loss_model).model
         inner = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+        lora_b = [v for k, v in inner.items() if "lora_B" in k]
+        if steps > 0 and lora_b and all(not v.any() for v in lora_b):
+            # LoRA B starts at zero and any optimizer step moves it: an all-zero B is an export that lost the
+            # training. Saved anyway (with the checkpoints, it is what there is), but said loudly.
+            log.error("the adapter gathered for saving has all-zero LoRA B weights after %d steps: it is the untrained "
+                      "initialisation, so the export under this backend is broken; please report it", steps)
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         # The base lm_head is frozen (LoRA adapts it), so PEFT need not copy the embedding matrices.
