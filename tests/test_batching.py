@@ -1,6 +1,6 @@
 import pytest
 
-from trec_accel.batching import IGNORE, Encoder, collate, epoch_order, micro_batches, shard
+from trec_accel.batching import IGNORE, Encoder, batch_rounds, collate, epoch_order, micro_batches, shard
 from trec_accel.labels import COARSE_LABELS, FINE_LABELS
 
 
@@ -82,3 +82,13 @@ def test_slow_tokenizer_is_refused():
         is_fast = False
     with pytest.raises(ValueError, match="fast"):
         Encoder(Slow(), "coarse", "notebook")
+
+
+@pytest.mark.parametrize("n, world", [(5, 2), (4, 2), (1, 3), (7, 3), (3, 1)])
+def test_batch_rounds_count_every_batch_once_with_equal_rounds(n, world):
+    batches = [[i] for i in range(n)]
+    per_rank = [batch_rounds(batches, r, world) for r in range(world)]
+    assert len({len(rounds) for rounds in per_rank}) == 1  # ZeRO-3 / FSDP: the same number of forward passes
+    counted = sorted(b[0] for rounds in per_rank for b, c in rounds if c)
+    assert counted == list(range(n))
+    assert sum(not c for rounds in per_rank for _, c in rounds) == -n % world

@@ -137,6 +137,17 @@ def shard(items: Sequence, rank: int, world: int) -> list:
     return list(items[rank * per : (rank + 1) * per])
 
 
+def batch_rounds(batches: Sequence, rank: int, world: int) -> list[tuple[object, bool]]:
+    """This process's evaluation batches as (batch, counted): batches rank, rank+W, rank+2W, ...
+
+    Every process gets the same number: under ZeRO-3 and FSDP each forward pass gathers weights from all
+    processes, so one with a batch fewer runs the last batch again, not counted.
+    """
+    rounds = -(-len(batches) // world)
+    return [(batches[i], True) if (i := rank + k * world) < len(batches) else (batches[-1], False)
+            for k in range(rounds)]
+
+
 def micro_batches(order: Sequence[int], start: int, global_batch: int) -> Iterator[tuple[int, list[int]]]:
     """Yield (position after the batch, indices) for each full global micro-batch from `start` on.
 

@@ -14,8 +14,11 @@ starting right after the question). With the shared prefix the instruction is ru
 `eval.method=generate` keeps the reference notebook's free greedy generation with substring matching,
 and counts the answers that are not a valid label.
 
-Sharding: process r takes questions r, r+W, r+2W, ...; the predictions are gathered with their indices
-and put back in order, so no question is dropped or counted twice whatever the number of processes.
+Sharding: the questions are sorted by length and cut into batches exactly as one process would, and
+process r takes batches r, r+W, r+2W, ...; so every question is scored in the same batch, with the same
+padding, whatever the number of processes (in bf16, where a batch's shape changes the rounding, a
+question-level split changed a few predictions). The rows are gathered with their indices and put back in
+order, so no question is dropped or counted twice.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from .batching import Encoder
+from .batching import Encoder, batch_rounds
 from .forward import hidden_states, parts
 from .reports import compute_metrics
 
@@ -139,23 +142,22 @@ def evaluate_examples(model, encoder: Encoder, examples, accelerator, batch_size
     if not examples:
         raise EvalError("the split to evaluate is empty")
     rank, world = accelerator.process_index, accelerator.num_processes
-    mine = list(range(rank, len(examples), world))
-    encoded = {j: encoder.encode(examples[j].text) for j in mine}
+    encoded = [encoder.encode(e.text) for e in examples]
     # Batches of questions of similar length: a row is as long as its batch's longest question, and
-    # questions run from 5 to 60 tokens. Rows carry their index, so the order is restored after the gather.
-    mine.sort(key=lambda j: len(encoded[j].prompt_ids))
+    # questions run from 5 to 60 tokens.
+    order = sorted(range(len(examples)), key=lambda j: len(encoded[j].prompt_ids))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    # One decision for every batch: each process must run as many forward passes as the others.
+    use_shared = shared and all(encoder.shares_prefix(e) for e in encoded)
     rows = []
-    for i in range(0, len(mine), batch_size):
-        chunk = mine[i : i + batch_size]
-        encs = [encoded[j] for j in chunk]
-        prompts = [e.prompt_ids for e in encs]
+    for chunk, counted in batch_rounds(batches, rank, world):
+        prompts = [encoded[j].prompt_ids for j in chunk]
         if method == "score":
-            use_shared = shared and all(encoder.shares_prefix(e) for e in encs)
             scores = call_model(lambda m: score_prompts(m, encoder, prompts, use_shared, normalize)).cpu()
-            for j, sc in zip(chunk, scores):
+            for j, sc in zip(chunk if counted else [], scores):
                 rows.append({"index": j, "pred": int(sc.argmax()), "scores": [round(float(x), 4) for x in sc]})
         else:
-            for j, (pred, text) in zip(chunk, generate_labels(model, encoder, prompts, max_new_tokens)):
+            for j, (pred, text) in zip(chunk if counted else [], generate_labels(model, encoder, prompts, max_new_tokens)):
                 rows.append({"index": j, "pred": pred, "generated": text})
     rows = sorted(gather_object(rows), key=lambda r: r["index"])
     labels = list(encoder.labels)

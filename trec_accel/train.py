@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .batching import Encoder, collate, epoch_order, micro_batches, shard
+from .batching import Encoder, batch_rounds, collate, epoch_order, micro_batches, shard
 from .config import Config, ConfigError, flat_dict, save_config
 from .data import load_splits
 from .loss import LabelLoss, batch_loss
@@ -338,13 +338,13 @@ def run(cfg: Config) -> dict:
 def validation_loss(loss_model, encoder: Encoder, examples, accelerator, batch_size: int, prefix, pad: int) -> float:
     """Mean label-token loss over the examples, sharded across processes."""
     encoded = [encoder.encode(e.text, e.label) for e in examples]
-    mine = encoded[accelerator.process_index :: accelerator.num_processes]
+    batches = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
     total = torch.zeros(2, device=accelerator.device)
     with torch.no_grad():
-        for i in range(0, len(mine), batch_size):
-            batch = collate(mine[i : i + batch_size], pad, prefix).to(accelerator.device)
-            loss_sum, n = batch_loss(loss_model, batch)
-            total += torch.stack([loss_sum.float(), n.float()])
+        for chunk, counted in batch_rounds(batches, accelerator.process_index, accelerator.num_processes):
+            loss_sum, n = batch_loss(loss_model, collate(chunk, pad, prefix).to(accelerator.device))
+            if counted:
+                total += torch.stack([loss_sum.float(), n.float()])
     total = accelerator.reduce(total, "sum")
     return (total[0] / total[1]).item()
 
