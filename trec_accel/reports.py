@@ -374,6 +374,12 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path) -> None:
     def _no_data(ax):
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
 
+    def _finish(ax, title, ylabel):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+
     ax = axes[0]
     plotted = False
     for key, style in (("train/loss", "-"), ("val/loss", "o-")):
@@ -385,10 +391,7 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path) -> None:
         ax.legend()
     else:
         _no_data(ax)
-    ax.set_title("Loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(True, alpha=0.3)
+    _finish(ax, "Loss", "loss")
 
     ax = axes[1]
     xs, ys = _series(history, "val/accuracy")
@@ -397,20 +400,14 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path) -> None:
         ax.legend()
     else:
         _no_data(ax)
-    ax.set_title("Validation accuracy")
-    ax.set_xlabel("step")
-    ax.set_ylabel("accuracy")
-    ax.grid(True, alpha=0.3)
+    _finish(ax, "Validation accuracy", "accuracy")
 
     if n_panels == 3:
         ax = axes[2]
         ax.plot(lr[0], lr[1], "-", color="tab:purple", label="train/lr")
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         ax.legend()
-        ax.set_title("Learning rate")
-        ax.set_xlabel("step")
-        ax.set_ylabel("lr")
-        ax.grid(True, alpha=0.3)
+        _finish(ax, "Learning rate", "lr")
 
     fig.tight_layout()
     _save_figure(fig, path)
