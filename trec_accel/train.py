@@ -24,8 +24,8 @@ from .batching import Encoder, batch_rounds, collate, epoch_order, micro_batches
 from .config import Config, ConfigError, flat_dict, save_config
 from .data import load_splits
 from .loss import LabelLoss, batch_loss
-from .model import (ADAPTER_META, adapter_meta, add_lora, fsdp_lora_state_dict, load_base, parameter_counts,
-                    prepare_for_training)
+from .model import (ADAPTER_META, adapter_meta, add_lora, backend_of, fsdp_lora_state_dict, load_base,
+                    parameter_counts, prepare_for_training)
 
 log = logging.getLogger("trec_accel")
 
@@ -352,7 +352,7 @@ def validation_loss(loss_model, encoder: Encoder, examples, accelerator, batch_s
 def save_adapter(accelerator, loss_model, tokenizer, cfg: Config, labels, dest: Path, steps: int) -> None:
     """The PEFT adapter (gathered whole under FSDP / ZeRO-3), tokenizer and resolved config, published atomically."""
     # Every process takes part in the gather.
-    if getattr(accelerator.state, "fsdp_plugin", None) is not None:
+    if backend_of(accelerator) == "fsdp":
         state_dict = fsdp_lora_state_dict(loss_model)
     else:
         state_dict = accelerator.get_state_dict(loss_model)
