@@ -92,3 +92,22 @@ def test_batch_rounds_count_every_batch_once_with_equal_rounds(n, world):
     counted = sorted(b[0] for rounds in per_rank for b, c in rounds if c)
     assert counted == list(range(n))
     assert sum(not c for rounds in per_rank for _, c in rounds) == -n % world
+
+
+@pytest.mark.parametrize("task", ["coarse", "fine"])
+def test_label_trie_feeds_each_shared_label_beginning_once(tokenizer, task):
+    enc = Encoder(tokenizer, task, "notebook")
+    trie, cands = enc.trie, enc.candidates
+    beginnings = {tuple(c[:j]) for c in cands for j in range(1, len(c))}
+    assert len(trie.tokens) == len(beginnings)
+    if task == "fine":  # "LOC:city" and "LOC:country" share "LOC:"
+        assert len(trie.tokens) < sum(len(c) - 1 for c in cands) / 2
+    for j in range(len(trie.tokens)):  # a node's ancestors spell the label beginning it stands for
+        path = [trie.tokens[k] for k in range(len(trie.tokens)) if trie.ancestor[j, k]]
+        assert tuple(path) in beginnings and len(path) == trie.depth[j]
+    for k, c in enumerate(cands):  # each label is scored on exactly its own tokens, each after its beginning
+        rows = trie.incidence[:, k].nonzero().flatten()
+        assert trie.targets[rows].tolist() == c
+        for j, r in enumerate(rows.tolist()[1:], start=1):
+            node = int(trie.columns[r]) - 1
+            assert [trie.tokens[x] for x in range(len(trie.tokens)) if trie.ancestor[node, x]] == c[:j]

@@ -3,7 +3,8 @@
 Each prompt is tokenized as one string, and the token boundaries of its parts are read off the offsets, so
 training, scoring and free generation all see the tokens the model would see for the whole text. The
 instruction's tokens (`prefix_ids`) are the same for every question of a task; a batch keeps them apart
-from the per-question tokens so that the model can run them once per batch (see `forward.py`).
+from the per-question tokens so that the model can run them once per batch (see `forward.py`). Evaluation's
+rows (`tree_batch`) put every candidate label after its question, as a trie under a tree-shaped mask.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ class Encoder:
         self.prefix_ids: list[int] = [t for t, (s, e) in zip(ids, offsets) if e <= len(p.prefix)]
         # Candidate label sequences (answer + end), the same after every question: checked in `encode`.
         self.candidates: list[list[int]] = [self.encode("What is this ?", i).label_ids for i in range(len(self.labels))]
+        self.trie = LabelTrie(self.candidates)
 
     def _tokens(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
@@ -63,6 +65,70 @@ class Encoder:
     def shares_prefix(self, enc: Encoded) -> bool:
         n = len(self.prefix_ids)
         return enc.prompt_ids[:n] == self.prefix_ids and len(enc.prompt_ids) > n
+
+
+class LabelTrie:
+    """The candidate label sequences as a trie: labels that begin alike share their first tokens.
+
+    Node j stands for a proper prefix of one or more candidates; feeding its last token after the question
+    gives the distribution of the next token of every candidate through it. A candidate's last token is
+    only predicted, never fed. The fine labels share their coarse part ("LOC:city", "LOC:country"), so the
+    50 fine candidates need 86 fed tokens rather than 219 (Mistral tokenizer).
+    """
+
+    def __init__(self, candidates: Sequence[list[int]]):
+        index: dict[tuple[int, ...], int] = {}
+        self.tokens, self.depth, self.parent = [], [], []   # per node: token fed, its depth (1..), parent or -1
+        for cand in candidates:
+            for j in range(1, len(cand)):
+                key = tuple(cand[:j])
+                if key not in index:
+                    index[key] = len(self.tokens)
+                    self.tokens.append(cand[j - 1])
+                    self.depth.append(j)
+                    self.parent.append(index[key[:-1]] if j > 1 else -1)
+        n = len(self.tokens)
+        # ancestor[j, k]: node k is node j or one of its ancestors (what node j attends to besides the prompt).
+        self.ancestor = torch.eye(n, dtype=torch.bool)
+        for j in range(n):
+            if self.parent[j] >= 0:
+                self.ancestor[j] |= self.ancestor[self.parent[j]]
+        # Every scored token as (column, token, label): column 0 is the question's last position, 1 + j is node j.
+        cols, toks, labs = [], [], []
+        for k, cand in enumerate(candidates):
+            for j, t in enumerate(cand):
+                cols.append(0 if j == 0 else 1 + index[tuple(cand[:j])])
+                toks.append(t)
+                labs.append(k)
+        self.columns, self.targets = torch.tensor(cols), torch.tensor(toks)
+        self.incidence = torch.zeros((len(cols), len(candidates)))   # scored token -> its label
+        self.incidence[torch.arange(len(cols)), torch.tensor(labs)] = 1.0
+        self.lengths = torch.tensor([len(c) for c in candidates], dtype=torch.float32)
+
+
+def tree_batch(trie: LabelTrie, prompts: Sequence[list[int]], p: int, pad_id: int):
+    """Inputs, positions and the tree mask for scoring every candidate after each prompt.
+
+    `prompts` are the per-question tokens after the shared prefix of length `p` (p = 0: whole prompts).
+    A row holds the question padded to the batch's longest (m tokens), then the trie's nodes, each at the
+    position it would have right after its own question and attending to the prompt and its ancestors.
+    """
+    n = torch.tensor([len(q) for q in prompts])
+    m, b, k = int(n.max()), len(prompts), len(trie.tokens)
+    ids = torch.full((b, m + k), pad_id, dtype=torch.long)
+    for i, q in enumerate(prompts):
+        ids[i, : len(q)] = torch.tensor(q)
+    ids[:, m:] = torch.tensor(trie.tokens, dtype=torch.long)
+    depth = torch.tensor(trie.depth)
+    pos = torch.cat([torch.arange(m).expand(b, m), n[:, None] + depth[None] - 1], 1) + p
+    r = torch.arange(m)
+    real = r[None, :] < n[:, None]                                          # (B, m) question tokens, not padding
+    # Question rows: causal over real tokens; a padding row sees itself only (its output is never used).
+    q_rows = (r[None, :, None] >= r[None, None, :]) & (real[:, None, :] | (r[:, None] == r[None, :])[None])
+    node_rows = torch.cat([real[:, None, :].expand(b, k, m), trie.ancestor.expand(b, k, k)], 2)
+    q_rows = torch.cat([q_rows, torch.zeros((b, m, k), dtype=torch.bool)], 2)
+    allow = torch.cat([torch.ones((b, m + k, p), dtype=torch.bool), torch.cat([q_rows, node_rows], 1)], 2)
+    return ids, pos, allow.unsqueeze(1), n
 
 
 @dataclass

@@ -7,9 +7,10 @@ label's whole token sequence, answer tokens and EOS, after the same prompt used 
     score(label) = mean_j log p(t_j | prompt, t_<j)     (eval.normalize=mean)
 
 and the prediction is the best-scoring label. All candidates of a question are scored in one row: the
-question's tokens come first, then every candidate's tokens side by side, each attending to the prompt
-and to its own earlier tokens only (a tree-shaped attention mask, with each candidate's positions
-starting right after the question). With the shared prefix the instruction is run once per batch.
+question's tokens come first, then the candidates' tokens as a trie (labels that begin alike share those
+tokens), each attending to the prompt and to its ancestors only (a tree-shaped attention mask, each node
+at the position it has right after the question). With the shared prefix the instruction is run once
+per batch.
 
 `eval.method=generate` keeps the reference notebook's free greedy generation with substring matching,
 and counts the answers that are not a valid label.
@@ -28,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from .batching import Encoder, batch_rounds
+from .batching import Encoder, batch_rounds, tree_batch
 from .forward import hidden_states, parts
 from .reports import compute_metrics
 
@@ -41,40 +42,9 @@ class EvalError(ValueError):
     """Bad evaluation input: empty split, unknown split, empty question."""
 
 
-def _tree_batch(encoder: Encoder, prompts: Sequence[list[int]], p: int, device):
-    """Inputs, positions and the tree mask for scoring every candidate after each prompt.
-
-    `prompts` are the per-question tokens after the shared prefix of length `p` (p = 0: whole prompts).
-    """
-    cands = encoder.candidates
-    feed = [c[:-1] for c in cands]          # the last token of a candidate is only predicted, never fed
-    offsets, width = [], 0
-    for f in feed:
-        offsets.append(width)
-        width += len(f)
-    m = max(len(q) for q in prompts)
-    b, s = len(prompts), m + width
-    ids = torch.full((b, s), encoder.tokenizer.pad_token_id, dtype=torch.long)
-    pos = torch.zeros((b, s), dtype=torch.long)
-    allow = torch.zeros((b, s, p + s), dtype=torch.bool)
-    allow[:, :, :p] = True
-    causal = torch.ones((m, m), dtype=torch.bool).tril()
-    for i, q in enumerate(prompts):
-        n = len(q)
-        ids[i, :n] = torch.tensor(q)
-        pos[i, :m] = p + torch.arange(m)
-        allow[i, :m, p : p + m] = causal
-        allow[i, :, p + n : p + m] = False                    # nobody attends to padding ...
-        allow[i, torch.arange(n, m), p + torch.arange(n, m)] = True  # ... but a padding row sees itself
-        for f, o in zip(feed, offsets):
-            if not f:
-                continue
-            cols = slice(m + o, m + o + len(f))
-            ids[i, cols] = torch.tensor(f)
-            pos[i, cols] = p + n + torch.arange(len(f))
-            allow[i, cols, p : p + n] = True
-            allow[i, cols, p + m + o : p + m + o + len(f)] = torch.ones((len(f), len(f)), dtype=torch.bool).tril()
-    return ids.to(device), pos.to(device), allow.unsqueeze(1).to(device), m, offsets
+# Logits of at most this many (row, column) pairs at a time: a batch of 512 fine questions has 87 scored
+# columns of 32,000 logits each, which would be 5.7 GB in fp32 at once.
+_LOGIT_CHUNK = 8192
 
 
 @torch.no_grad()
@@ -82,23 +52,25 @@ def score_prompts(model, encoder: Encoder, prompts: Sequence[list[int]], shared:
     """(len(prompts), n_labels) label scores. `prompts` are whole prompt token lists."""
     decoder, lm_head = parts(model)
     device = next(p for p in model.parameters()).device
+    trie = encoder.trie
     p = len(encoder.prefix_ids) if shared else 0
     prefix = torch.tensor([encoder.prefix_ids], device=device) if shared else None
-    ids, pos, allow, m, offsets = _tree_batch(encoder, [q[p:] for q in prompts], p, device)
+    ids, pos, allow, n = (t.to(device) for t in tree_batch(trie, [q[p:] for q in prompts], p,
+                                                            encoder.tokenizer.pad_token_id))
     mask = allow if getattr(decoder.config, "_attn_implementation", "sdpa") != "eager" else \
         torch.zeros(allow.shape, device=device).masked_fill(~allow, torch.finfo(torch.float32).min)
     hidden = hidden_states(decoder, ids, torch.ones_like(ids), prefix, pos, mask)
-    n_q = torch.tensor([len(q) - p for q in prompts], device=device)
-    rows = torch.arange(len(prompts), device=device)
-    first = torch.log_softmax(lm_head(hidden[rows, n_q - 1]).float(), -1)      # (B, V): first label token
-    rest = torch.log_softmax(lm_head(hidden[:, m:]).float(), -1) if hidden.shape[1] > m else None
-    scores = torch.empty((len(prompts), len(encoder.candidates)), device=device)
-    for k, (cand, o) in enumerate(zip(encoder.candidates, offsets)):
-        total = first[:, cand[0]]
-        for j in range(1, len(cand)):
-            total = total + rest[:, o + j - 1, cand[j]]
-        scores[:, k] = total / (len(cand) if normalize == "mean" else 1)
-    return scores
+    b, m = len(prompts), ids.shape[1] - len(trie.tokens)
+    # Column 0: the question's last position (first label token); 1 + j: trie node j.
+    h = torch.cat([hidden[torch.arange(b, device=device), n - 1][:, None], hidden[:, m:]], 1)
+    cols, targets = trie.columns.to(device), trie.targets.to(device)
+    logp = torch.empty((b, len(cols)), device=device)
+    step = max(1, _LOGIT_CHUNK // h.shape[1])
+    for i in range(0, b, step):
+        logits = lm_head(h[i : i + step]).float()                       # (rows, columns, V)
+        logp[i : i + step] = logits[:, cols, targets] - torch.logsumexp(logits, -1)[:, cols]
+    scores = logp @ trie.incidence.to(device)
+    return scores / trie.lengths.to(device) if normalize == "mean" else scores
 
 
 @torch.no_grad()
