@@ -41,6 +41,9 @@ class ModelConfig:
     dtype: str = _f("auto", "Compute dtype: bf16 where the device supports it ('auto'), else fp32.",
                     ("auto", "bf16", "fp16", "fp32"))
     attn_implementation: str = _f("sdpa", "Attention kernel passed to from_pretrained.", ("sdpa", "eager", "flash_attention_2"))
+    cudnn_attention: bool = _f(False, "Let PyTorch's SDPA pick cuDNN attention on CUDA. Off: cuDNN builds an execution plan "
+                               "for every new input shape (2-4 s each on an H100, measured), and length-grouped training "
+                               "batches and evaluation batches keep changing shape; the other kernels run as fast here.")
     gradient_checkpointing: bool = _f(False, "Non-reentrant activation checkpointing: less memory, ~30% more compute.")
     liger_kernels: bool = _f(False, "Patch RMSNorm/RoPE/SwiGLU with Liger Triton kernels where installed (CUDA).")
 

@@ -96,6 +96,8 @@ def load_base(cfg: Config, accelerator):
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"could not load model '{cfg.model.name}' ({path}): {str(e).splitlines()[0]}") from None
     model.config.use_cache = False
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(cfg.model.cudnn_attention)
     if cfg.model.liger_kernels:
         apply_liger(model)
     return model, tokenizer, plan
