@@ -1,6 +1,7 @@
 """Run by tests/test_fsdp_export.py under torch.distributed.run (2 CPU processes, gloo): LoRA weights gathered
 from FSDP-1 FULL_SHARD units equal those of the same training without FSDP."""
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -9,7 +10,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from trec_accel.batching import Encoder, collate
 from trec_accel.config import load_config
 from trec_accel.loss import LabelLoss, batch_loss
-from trec_accel.model import add_lora, fsdp_lora_state_dict, load_tokenizer
+from trec_accel.model import add_lora, check_adapter_weights, fsdp_lora_state_dict, load_tokenizer, write_adapter
 
 
 def build(path):
@@ -28,7 +29,7 @@ def train(loss_model, batch, steps=3):
         opt.zero_grad()
 
 
-def main(path):
+def main(path, out):
     from peft.utils.other import fsdp_auto_wrap_policy
     dist.init_process_group("gloo")
     tok = load_tokenizer(path)
@@ -47,9 +48,19 @@ def main(path):
     for k, v in want.items():
         torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-6, msg=k)
     assert any(v.any() for k, v in got.items() if "lora_B" in k)
+    if dist.get_rank() == 0:  # the adapter written from the FSDP-wrapped model loads back with every weight
+        from peft import PeftModel
+        folder = Path(out) / "adapter"
+        write_adapter(model, {k[len("model."):]: v for k, v in got.items()}, folder)
+        loaded = PeftModel.from_pretrained(build(path).get_base_model(), str(folder))
+        check_adapter_weights(loaded, folder)
+        back = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+        assert len(back) == len(want)
+        for n, p in back.items():
+            torch.testing.assert_close(p, want["model." + n], rtol=1e-4, atol=1e-6, msg=n)
     print(f"rank {dist.get_rank()}: {len(got)} LoRA tensors match", flush=True)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

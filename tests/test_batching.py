@@ -1,6 +1,6 @@
 import pytest
 
-from trec_accel.batching import IGNORE, Encoder, batch_rounds, collate, epoch_order, micro_batches, shard
+from trec_accel.batching import IGNORE, Encoder, batch_rounds, collate, epoch_order, length_batches, micro_batches, shard
 from trec_accel.labels import COARSE_LABELS, FINE_LABELS
 
 
@@ -111,3 +111,16 @@ def test_label_trie_feeds_each_shared_label_beginning_once(tokenizer, task):
         for j, r in enumerate(rows.tolist()[1:], start=1):
             node = int(trie.columns[r]) - 1
             assert [trie.tokens[x] for x in range(len(trie.tokens)) if trie.ancestor[node, x]] == c[:j]
+
+
+def test_length_batches_cap_items_and_padded_tokens():
+    lengths = [30, 5, 6, 5, 60, 7, 8, 6, 59, 10]
+    batches = length_batches(lengths, max_items=4, max_tokens=100, extra=10)
+    assert sorted(j for b in batches for j in b) == list(range(len(lengths)))
+    flat = [lengths[j] for b in batches for j in b]
+    assert flat == sorted(lengths)
+    for b in batches:
+        assert len(b) <= 4
+        assert len(b) == 1 or len(b) * (max(lengths[j] for j in b) + 10) <= 100
+    assert [len(b) for b in batches] == [4, 3, 1, 1, 1]  # short ones up to four at a time, the long tail alone
+    assert [len(b) for b in length_batches(lengths, max_items=4)] == [4, 4, 2]

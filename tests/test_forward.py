@@ -4,7 +4,7 @@ import torch
 
 from trec_accel.batching import Encoder, collate
 from trec_accel.config import load_config
-from trec_accel.evaluate import score_prompts
+from trec_accel.evaluate import score_prompts, shared_prefix
 from trec_accel.loss import LabelLoss, batch_loss
 from trec_accel.model import add_lora, prepare_for_training
 
@@ -72,7 +72,8 @@ def test_tree_scores_match_one_sequence_per_candidate(lora_model, tokenizer, tas
     enc = Encoder(tokenizer, task, "notebook")
     lora_model.eval()
     prompts = [enc.encode(q).prompt_ids for q in QUESTIONS]
-    got = score_prompts(lora_model, enc, prompts, shared, "sum")
+    prefix = shared_prefix(lora_model, enc) if shared else None
+    got = score_prompts(lora_model, enc, prompts, prefix, "sum")
     with torch.no_grad():
         for i, q in enumerate(prompts):
             for k, cand in enumerate(enc.candidates):
@@ -80,7 +81,7 @@ def test_tree_scores_match_one_sequence_per_candidate(lora_model, tokenizer, tas
                 logp = torch.log_softmax(lora_model(input_ids=ids).logits[0].float(), -1)
                 want = sum(logp[len(q) - 1 + j, t].item() for j, t in enumerate(cand))
                 assert got[i, k].item() == pytest.approx(want, abs=2e-4), (i, enc.labels[k])
-    mean = score_prompts(lora_model, enc, prompts, shared, "mean")
+    mean = score_prompts(lora_model, enc, prompts, prefix, "mean")
     lens = torch.tensor([len(c) for c in enc.candidates], dtype=torch.float32)
     torch.testing.assert_close(mean, got / lens)
     lora_model.train()

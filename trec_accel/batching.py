@@ -214,6 +214,20 @@ def batch_rounds(batches: Sequence, rank: int, world: int) -> list[tuple[object,
             for k in range(rounds)]
 
 
+def length_batches(lengths: Sequence[int], max_items: int, max_tokens: int = 0, extra: int = 0) -> list[list[int]]:
+    """Indices sorted by length, cut into batches of at most `max_items`, and, when `max_tokens` is set,
+    of at most that many padded tokens (items x (longest + `extra`)); a single item always makes a batch."""
+    order = sorted(range(len(lengths)), key=lambda j: lengths[j])
+    batches: list[list[int]] = []
+    for j in order:
+        cur = batches[-1] if batches else None
+        if cur is None or len(cur) >= max_items or (max_tokens and (len(cur) + 1) * (lengths[j] + extra) > max_tokens):
+            batches.append([j])
+        else:
+            cur.append(j)
+    return batches
+
+
 def micro_batches(order: Sequence[int], start: int, global_batch: int) -> Iterator[tuple[int, list[int]]]:
     """Yield (position after the batch, indices) for each full global micro-batch from `start` on.
 

@@ -170,10 +170,11 @@ def eval_setups(args, task: str, base, tokenizer, test, results: dict) -> None:
         gen_qps = n_gen / (time.perf_counter() - t)
         by_batch = {}
         for batch in args.eval_batch:
-            evaluate_examples(model, encoder, test[:64], accelerator, batch)  # warm-up
+            cap = cfg.eval.max_batch_tokens
+            evaluate_examples(model, encoder, test[:64], accelerator, batch, max_batch_tokens=cap)  # warm-up
             torch.cuda.synchronize()
             t = time.perf_counter()
-            evaluate_examples(model, encoder, test, accelerator, batch)
+            evaluate_examples(model, encoder, test, accelerator, batch, max_batch_tokens=cap)
             torch.cuda.synchronize()
             by_batch[batch] = time.perf_counter() - t
     batch, score_s = min(by_batch.items(), key=lambda kv: kv[1])
@@ -220,7 +221,8 @@ def main(argv=None) -> int:
     p.add_argument("--trainer-batch", type=int, default=64)
     p.add_argument("--batch", type=int, default=256, help="trec-accel micro-batch for setup c")
     p.add_argument("--checkpointing", type=int, default=1, help="activation checkpointing in setup c (1/0)")
-    p.add_argument("--eval-batch", type=int, nargs="+", default=[128, 512], help="scoring batch sizes to time")
+    p.add_argument("--eval-batch", type=int, nargs="+", default=[128, 256, 512],
+                   help="scoring batch sizes (questions, at most) to time, each under the config's eval.max_batch_tokens")
     p.add_argument("--generate-questions", type=int, default=20)
     p.add_argument("--c-overrides", nargs="*", default=[])
     p.add_argument("--out-dir", default="runs/benchmark")

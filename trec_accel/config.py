@@ -96,7 +96,9 @@ class EvalConfig:
     split: str = _f("test", "Split to evaluate: train, validation, test, or a path to a data file.")
     method: str = _f("score", "score: rank every valid label by its log-likelihood; generate: the notebook's free "
                      "greedy generation with substring matching.", ("score", "generate"))
-    batch_size: int = _f(64, "Questions per scoring batch per process.")
+    batch_size: int = _f(64, "Questions per scoring batch per process (at most).")
+    max_batch_tokens: int = _f(8192, "At most this many padded tokens per scoring batch, questions x (longest question "
+                               "+ label tokens): short questions go many to a batch, the long tail a few (0 = no cap).")
     normalize: str = _f("sum", "Label score: sum of log-probs of the label tokens and EOS, or their mean.", ("sum", "mean"))
     max_new_tokens: int = _f(10, "Generation length for method=generate.")
     max_examples: int = _f(0, "Evaluate only the first N questions (0 = all).")
@@ -273,6 +275,7 @@ def validate(cfg: Config) -> None:
         (t.eval_every >= 0 and t.save_every >= 0, "train.eval_every and train.save_every must be >= 0"),
         (t.keep_last > 0, "train.keep_last must be > 0"),
         (e.batch_size > 0, "eval.batch_size must be > 0"),
+        (e.max_batch_tokens >= 0, "eval.max_batch_tokens must be >= 0"),
         (e.max_new_tokens > 0, "eval.max_new_tokens must be > 0"),
         (e.max_examples >= 0, "eval.max_examples must be >= 0"),
         (bool(cfg.output_dir), "output_dir must not be empty"),

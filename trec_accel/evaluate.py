@@ -29,8 +29,8 @@ from typing import Sequence
 
 import torch
 
-from .batching import Encoder, batch_rounds, tree_batch
-from .forward import hidden_states, parts
+from .batching import Encoder, batch_rounds, length_batches, tree_batch
+from .forward import SharedPrefix, hidden_states, parts
 from .reports import compute_metrics
 
 log = logging.getLogger("trec_accel")
@@ -48,13 +48,22 @@ _LOGIT_CHUNK = 8192
 
 
 @torch.no_grad()
-def score_prompts(model, encoder: Encoder, prompts: Sequence[list[int]], shared: bool, normalize: str) -> torch.Tensor:
-    """(len(prompts), n_labels) label scores. `prompts` are whole prompt token lists."""
+def shared_prefix(model, encoder: Encoder) -> SharedPrefix:
+    """The instruction run once: every scoring batch reuses it."""
+    decoder, _ = parts(model)
+    device = next(p for p in model.parameters()).device
+    return SharedPrefix(decoder, torch.tensor([encoder.prefix_ids], device=device))
+
+
+@torch.no_grad()
+def score_prompts(model, encoder: Encoder, prompts: Sequence[list[int]], prefix: SharedPrefix | None,
+                  normalize: str) -> torch.Tensor:
+    """(len(prompts), n_labels) label scores. `prompts` are whole prompt token lists; with `prefix` (from
+    `shared_prefix`) they all start with the instruction, which is not run again."""
     decoder, lm_head = parts(model)
     device = next(p for p in model.parameters()).device
     trie = encoder.trie
-    p = len(encoder.prefix_ids) if shared else 0
-    prefix = torch.tensor([encoder.prefix_ids], device=device) if shared else None
+    p = prefix.length if prefix is not None else 0
     ids, pos, allow, n = (t.to(device) for t in tree_batch(trie, [q[p:] for q in prompts], p,
                                                             encoder.tokenizer.pad_token_id))
     mask = allow if getattr(decoder.config, "_attn_implementation", "sdpa") != "eager" else \
@@ -102,8 +111,13 @@ def match_label(text: str, labels: Sequence[str]) -> int:
 
 def evaluate_examples(model, encoder: Encoder, examples, accelerator, batch_size: int, normalize: str = "sum",
                       shared: bool = True, method: str = "score", max_new_tokens: int = 10,
-                      call_model=None) -> tuple[dict, list[dict]]:
+                      call_model=None, max_batch_tokens: int = 0) -> tuple[dict, list[dict]]:
     """Metrics and one prediction row per example, identical on every process.
+
+    Questions are sorted by length and cut into batches of at most `batch_size` questions and, when
+    `max_batch_tokens` is set, at most that many padded tokens: a row is as long as its batch's longest
+    question plus the label trie, and questions run from 5 to 60 tokens, so the short ones go many to a
+    batch and the long tail a few at a time.
 
     `call_model(fn)` runs `fn(model)` where the model's parameters are available: by default directly,
     during training through the wrapped module's forward (see LabelLoss).
@@ -115,17 +129,17 @@ def evaluate_examples(model, encoder: Encoder, examples, accelerator, batch_size
         raise EvalError("the split to evaluate is empty")
     rank, world = accelerator.process_index, accelerator.num_processes
     encoded = [encoder.encode(e.text) for e in examples]
-    # Batches of questions of similar length: a row is as long as its batch's longest question, and
-    # questions run from 5 to 60 tokens.
-    order = sorted(range(len(examples)), key=lambda j: len(encoded[j].prompt_ids))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     # One decision for every batch: each process must run as many forward passes as the others.
-    use_shared = shared and all(encoder.shares_prefix(e) for e in encoded)
+    use_shared = shared and method == "score" and all(encoder.shares_prefix(e) for e in encoded)
+    p = len(encoder.prefix_ids) if use_shared else 0
+    extra = len(encoder.trie.tokens) if method == "score" else max_new_tokens
+    batches = length_batches([len(e.prompt_ids) - p for e in encoded], batch_size, max_batch_tokens, extra)
+    prefix = call_model(lambda m: shared_prefix(m, encoder)) if use_shared else None
     rows = []
     for chunk, counted in batch_rounds(batches, rank, world):
         prompts = [encoded[j].prompt_ids for j in chunk]
         if method == "score":
-            scores = call_model(lambda m: score_prompts(m, encoder, prompts, use_shared, normalize)).cpu()
+            scores = call_model(lambda m: score_prompts(m, encoder, prompts, prefix, normalize)).cpu()
             for j, sc in zip(chunk if counted else [], scores):
                 rows.append({"index": j, "pred": int(sc.argmax()), "scores": [round(float(x), 4) for x in sc]})
         else:
@@ -196,7 +210,8 @@ def run(cfg) -> dict:
     encoder = Encoder(tokenizer, cfg.data.task, cfg.data.template)
     with accelerator.autocast():
         metrics, rows = evaluate_examples(model, encoder, examples, accelerator, cfg.eval.batch_size,
-                                          cfg.eval.normalize, True, cfg.eval.method, cfg.eval.max_new_tokens)
+                                          cfg.eval.normalize, True, cfg.eval.method, cfg.eval.max_new_tokens,
+                                          max_batch_tokens=cfg.eval.max_batch_tokens)
     metrics.update(model=cfg.model.name, adapter=cfg.adapter or None, task=cfg.data.task, split=split,
                    method=cfg.eval.method)
     if accelerator.is_main_process:

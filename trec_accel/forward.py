@@ -1,6 +1,6 @@
 """The model's forward pass, with the shared instruction run once per batch.
 
-Every prompt of a task starts with the same instruction. `prefix_cache` runs it once (batch 1) and
+Every prompt of a task starts with the same instruction. `SharedPrefix` runs it once (batch 1) and
 broadcasts its keys and values over the batch without copying; the per-question tokens then attend to
 it as a past. Gradients flow back through the broadcast into the prefix pass, so LoRA gets exactly the
 gradients of the full-sequence computation (tests/test_forward.py checks this).
@@ -18,44 +18,53 @@ def parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return base.get_decoder(), base.get_output_embeddings()
 
 
-def prefix_cache(decoder: nn.Module, prefix_ids: torch.Tensor, batch_size: int):
-    """Key/value cache of the prefix, broadcast to `batch_size` rows.
+class SharedPrefix:
+    """The prefix's keys and values, computed once, broadcast over any batch without copying.
 
-    Its `update` returns the prefix joined with the new states and stores nothing, so one cache serves
-    any number of forward passes over different continuations.
+    Its cache's `update` returns the prefix joined with the new states and stores nothing, so one prefix
+    serves any number of forward passes over different continuations: every training step computes its
+    own (the gradients flow back into it), evaluation computes one for all its batches.
     """
-    cache = decoder(input_ids=prefix_ids, use_cache=True).past_key_values
-    layers = cache.layers
-    for layer in layers:
-        layer.keys = layer.keys.expand(batch_size, -1, -1, -1)
-        layer.values = layer.values.expand(batch_size, -1, -1, -1)
 
-    def read_only_update(key_states, value_states, layer_idx, *args, **kwargs):
-        layer = layers[layer_idx]
-        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+    def __init__(self, decoder: nn.Module, prefix_ids: torch.Tensor):
+        self.length = prefix_ids.shape[1]
+        self.cache = decoder(input_ids=prefix_ids, use_cache=True).past_key_values
+        layers = self.cache.layers
+        self.states = [(layer.keys, layer.values) for layer in layers]
 
-    cache.update = read_only_update
-    cache.read_only = True
-    return cache
+        def read_only_update(key_states, value_states, layer_idx, *args, **kwargs):
+            layer = layers[layer_idx]
+            return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+        self.cache.update = read_only_update
+        self.cache.read_only = True
+
+    def broadcast(self, batch_size: int):
+        """The cache, its keys and values expanded (not copied) to `batch_size` rows."""
+        for layer, (k, v) in zip(self.cache.layers, self.states):
+            layer.keys, layer.values = k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)
+        return self.cache
 
 
 def hidden_states(decoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  prefix_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                  prefix: torch.Tensor | SharedPrefix | None = None, position_ids: torch.Tensor | None = None,
                   mask_4d: torch.Tensor | None = None) -> torch.Tensor:
-    """Last hidden states of `input_ids`, after `prefix_ids` when given.
+    """Last hidden states of `input_ids`, after the prefix when given (its token ids, or already run).
 
     `mask_4d` (B, 1, S, P+S), additive, replaces the causal mask: evaluation uses it to score every
     candidate label of a question side by side in one row.
     """
     b, s = input_ids.shape
-    p = 0 if prefix_ids is None else prefix_ids.shape[1]
+    if isinstance(prefix, torch.Tensor):
+        prefix = SharedPrefix(decoder, prefix)
+    p = 0 if prefix is None else prefix.length
     if position_ids is None:
         position_ids = torch.arange(p, p + s, device=input_ids.device).expand(b, s)
-    if prefix_ids is None:
+    if prefix is None:
         mask = attention_mask if mask_4d is None else mask_4d
         return decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                        use_cache=False).last_hidden_state
-    cache = prefix_cache(decoder, prefix_ids, b)
+    cache = prefix.broadcast(b)
     if mask_4d is None:
         ones = torch.ones((b, p), dtype=attention_mask.dtype, device=attention_mask.device)
         mask = torch.cat([ones, attention_mask], dim=1)

@@ -158,6 +158,28 @@ def fsdp_lora_state_dict(root: nn.Module) -> dict:
     return out
 
 
+def write_adapter(model, lora_weights: dict, folder: Path) -> None:
+    """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) from LoRA weights named as in
+    `model.named_parameters()` (".default." included).
+
+    The weights file is written here rather than by peft's `save_pretrained(state_dict=...)`: on the GPU
+    host, with FSDP units nested inside the model, peft kept only the lm_head's LoRA weights of the 30 it
+    was given, and the saved adapter scored like the untrained model (BENCHMARKS.md).
+    """
+    import copy
+
+    from safetensors.torch import save_file
+    name = model.active_adapter
+    weights = {k.replace(f".{name}", ""): v.detach().cpu().contiguous() for k, v in lora_weights.items() if "lora_" in k}
+    if not weights:
+        raise ValueError("no LoRA weights to save")
+    config = copy.copy(model.peft_config[name])
+    config.inference_mode = True
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(folder))
+    save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
 def adapter_meta(cfg: Config, labels) -> dict:
     return {"model": cfg.model.name, "task": cfg.data.task, "template": cfg.data.template, "labels": list(labels)}
 

@@ -120,14 +120,14 @@ def read_questions(questions: Sequence[str], file: str | None, stdin: TextIO) ->
 
 def predict(model, encoder, questions: Sequence[str], batch_size: int, normalize: str = "sum") -> list[dict]:
     """One row per question: question, label, score (of the label), scores (every label's)."""
-    from .evaluate import score_prompts
+    from .evaluate import score_prompts, shared_prefix
 
+    encs = [encoder.encode(q) for q in questions]
+    prefix = shared_prefix(model, encoder) if all(encoder.shares_prefix(e) for e in encs) else None
     rows = []
     for i in range(0, len(questions), max(1, batch_size)):
         chunk = questions[i : i + batch_size]
-        encs = [encoder.encode(q) for q in chunk]
-        shared = all(encoder.shares_prefix(e) for e in encs)
-        scores = score_prompts(model, encoder, [e.prompt_ids for e in encs], shared, normalize).cpu()
+        scores = score_prompts(model, encoder, [e.prompt_ids for e in encs[i : i + batch_size]], prefix, normalize).cpu()
         for q, sc in zip(chunk, scores):
             k = int(sc.argmax())
             rows.append({"question": q, "label": encoder.labels[k], "score": round(float(sc[k]), 4),

@@ -24,7 +24,7 @@ from .batching import Encoder, batch_rounds, collate, epoch_order, micro_batches
 from .config import Config, ConfigError, flat_dict, save_config
 from .data import load_splits
 from .loss import LabelLoss, batch_loss
-from .model import (ADAPTER_META, adapter_meta, add_lora, backend_of, fsdp_lora_state_dict, load_base,
+from .model import (ADAPTER_META, adapter_meta, add_lora, backend_of, fsdp_lora_state_dict, load_base, write_adapter,
                     parameter_counts, prepare_for_training)
 
 log = logging.getLogger("trec_accel")
@@ -224,7 +224,7 @@ def run(cfg: Config) -> dict:
         loss_model.eval()
         metrics, _ = evaluate_examples(accelerator.unwrap_model(loss_model).model, encoder, val_examples, accelerator,
                                        cfg.eval.batch_size, cfg.eval.normalize, prefix is not None,
-                                       call_model=lambda fn: loss_model(call=fn))
+                                       call_model=lambda fn: loss_model(call=fn), max_batch_tokens=cfg.eval.max_batch_tokens)
         val_loss = validation_loss(loss_model, encoder, val_examples, accelerator, cfg.eval.batch_size, prefix, pad)
         loss_model.train()
         if cfg.log.tracker != "none":
@@ -367,8 +367,7 @@ def save_adapter(accelerator, loss_model, tokenizer, cfg: Config, labels, dest: 
                       "initialisation, so the export under this backend is broken; please report it", steps)
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        # The base lm_head is frozen (LoRA adapts it), so PEFT need not copy the embedding matrices.
-        model.save_pretrained(str(tmp), state_dict=inner, save_embedding_layers=False)
+        write_adapter(model, inner, tmp)
         tokenizer.save_pretrained(str(tmp))
         save_config(cfg, tmp / "config.yaml")
         (tmp / ADAPTER_META).write_text(json.dumps(adapter_meta(cfg, labels), indent=1))
