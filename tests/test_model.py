@@ -39,3 +39,22 @@ def test_paged_optimizers_are_refused_where_the_backend_shards_the_state(kind, s
     cfg = load_config(None, ["train.optimizer=paged_adamw_32bit"])
     with pytest.raises(ConfigError, match="cannot be used with"):
         load_plan(cfg, fake_accelerator(kind, processes=2, zero_stage=stage))
+
+
+def test_offline_model_is_built_outside_zero3_partitioned_init(monkeypatch):
+    from accelerate.utils import DeepSpeedPlugin
+    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    import trec_accel.model as model_module
+    seen = []
+    monkeypatch.setattr(model_module, "resolve_model_path", lambda name: seen.append(is_deepspeed_zero3_enabled()) or "/m")
+    plugin = DeepSpeedPlugin(zero_stage=3, zero3_init_flag=True)
+    try:
+        plugin.set_deepspeed_weakref()  # what the Accelerator does before from_pretrained
+        assert is_deepspeed_zero3_enabled()
+        accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
+        assert model_module.model_path(load_config(), accelerator) == "/m"
+        assert seen == [False]               # built as a plain model ...
+        assert is_deepspeed_zero3_enabled()  # ... and ZeRO-3 init is back on for the real load
+    finally:
+        unset_hf_deepspeed_config()

@@ -76,11 +76,27 @@ def load_tokenizer(path: str):
     return tok
 
 
+def model_path(cfg: Config, accelerator) -> str:
+    """`model.name` as something from_pretrained loads. A built-in offline model is built on first use, and
+    outside ZeRO-3's partitioned initialisation: on the GPU host, building SmolLM2 from its GGUF inside a
+    ZeRO-3 launch failed in load_state_dict. (accelerate's `zero3_init_context_manager(enable=False)` leaves
+    Transformers' ZeRO-3 switch on, so the switch itself is turned off and back on.)"""
+    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or not is_deepspeed_zero3_enabled():
+        return resolve_model_path(cfg.model.name)
+    unset_hf_deepspeed_config()
+    try:
+        return resolve_model_path(cfg.model.name)
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
 def load_base(cfg: Config, accelerator):
     """(base model, tokenizer, plan). No adapter yet."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    path = resolve_model_path(cfg.model.name)
+    path = model_path(cfg, accelerator)
     plan = load_plan(cfg, accelerator)
     kwargs = dict(dtype=plan.dtype, attn_implementation=cfg.model.attn_implementation)
     if plan.quantize:
@@ -99,7 +115,10 @@ def load_base(cfg: Config, accelerator):
     if torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(cfg.model.cudnn_attention)
     if cfg.model.liger_kernels:
-        apply_liger(model)
+        if torch.cuda.is_available():
+            apply_liger(model)
+        else:  # Liger's kernels are Triton, CUDA only
+            log.info("model.liger_kernels=true needs CUDA: running without it")
     return model, tokenizer, plan
 
 
