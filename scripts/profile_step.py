@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Profile trec-accel (on a GPU; a CPU runs it too, for a smoke test): a training step, or an evaluation of the test split; wall times, peak memory,
+and the kernels that take the time.
+
+    python scripts/profile_step.py --config configs/mistral7b_coarse.yaml model.name=mistral-7b-random \
+        model.gradient_checkpointing=true --batch 256
+    python scripts/profile_step.py --eval --config configs/mistral7b_coarse.yaml model.name=mistral-7b-random
+"""
+import argparse
+import time
+
+import torch
+from accelerate import Accelerator
+from torch.profiler import ProfilerActivity, profile
+
+from trec_accel.batching import Encoder, collate, epoch_order
+from trec_accel.config import load_config
+from trec_accel.data import load_splits
+from trec_accel.evaluate import evaluate_examples
+from trec_accel.loss import LabelLoss, batch_loss
+from trec_accel.model import add_lora, load_base, prepare_for_training
+
+
+CUDA = torch.cuda.is_available()
+ACTIVITIES = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+
+
+def timed(fn) -> float:
+    sync = torch.cuda.synchronize if CUDA else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t
+
+
+def report(prof, wall: float, what: str) -> None:
+    ka = prof.key_averages()
+    peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if CUDA else ""
+    print(f"{what}: {1000 * wall:.0f} ms wall{peak}")
+    print(ka.table(sort_by="self_device_time_total" if CUDA else "self_cpu_time_total", row_limit=14,
+                   max_name_column_width=50))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--eval", action="store_true", help="profile the evaluation of the test split instead")
+    p.add_argument("--batch", type=int, default=256, help="training micro-batch")
+    p.add_argument("--steps", type=int, default=6, help="training steps run; the last two are profiled")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    acc = Accelerator(mixed_precision="bf16" if CUDA else "no")
+    base, tok, plan = load_base(cfg, acc)
+    enc = Encoder(tok, cfg.data.task, cfg.data.template)
+    splits = load_splits(cfg.data.path, cfg.data.task, cfg.data.val_fraction, cfg.data.split_seed)
+    if args.eval:
+        model = add_lora(base, cfg).eval()
+        run = lambda: evaluate_examples(model, enc, splits["test"], acc, cfg.eval.batch_size,
+                                        max_batch_tokens=cfg.eval.max_batch_tokens)
+        with acc.autocast():
+            # The first pass meets every batch shape for the first time; the second is what a warm process pays.
+            print("evaluation seconds, first and second pass:", [round(timed(run), 3) for _ in range(2)])
+            with profile(activities=ACTIVITIES) as prof:
+                wall = timed(run)
+        report(prof, wall, f"evaluation of {len(splits['test'])} questions")
+        return
+    model = add_lora(prepare_for_training(base, cfg), cfg)
+    encs = [enc.encode(e.text, e.label) for e in splits["train"]]
+    order = epoch_order([len(e.prompt_ids) for e in encs], cfg.seed, 0, True, args.batch)
+    lm = LabelLoss(model).train()
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.train.lr)
+    b = args.batch
+    batches = [collate([encs[j] for j in order[i * b:(i + 1) * b]], tok.pad_token_id, enc.prefix_ids).to(acc.device)
+               for i in range(args.steps)]
+
+    def step(batch):
+        with acc.autocast():
+            loss, n = batch_loss(lm, batch)
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = [timed(lambda: step(batch)) for batch in batches[:-2]]
+    with profile(activities=ACTIVITIES) as prof:
+        wall = timed(lambda: [step(batch) for batch in batches[-2:]])
+    print("step seconds", [round(x, 3) for x in times], "widths", [x.input_ids.shape[1] for x in batches])
+    report(prof, wall, "two steps")
+
+
+if __name__ == "__main__":
+    main()
