@@ -98,7 +98,7 @@ class EvalConfig:
     method: str = _f("score", "score: rank every valid label by its log-likelihood; generate: the notebook's free "
                      "greedy generation with substring matching.", ("score", "generate"))
     batch_size: int = _f(64, "Questions per scoring batch per process (at most).")
-    max_batch_tokens: int = _f(8192, "At most this many padded tokens per scoring batch, questions x (longest question "
+    max_batch_tokens: int = _f(16384, "At most this many padded tokens per scoring batch, questions x (longest question "
                                "+ label tokens): short questions go many to a batch, the long tail a few (0 = no cap).")
     normalize: str = _f("sum", "Label score: sum of log-probs of the label tokens and EOS, or their mean.", ("sum", "mean"))
     max_new_tokens: int = _f(10, "Generation length for method=generate.")
