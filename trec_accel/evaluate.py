@@ -10,7 +10,7 @@ and the prediction is the best-scoring label. All candidates of a question are s
 question's tokens come first, then the candidates' tokens as a trie (labels that begin alike share those
 tokens), each attending to the prompt and to its ancestors only (a tree-shaped attention mask, each node
 at the position it has right after the question). With the shared prefix the instruction is run once
-per batch.
+per evaluation and broadcast to every batch.
 
 `eval.method=generate` keeps the reference notebook's free greedy generation with substring matching,
 and counts the answers that are not a valid label.
