@@ -166,7 +166,8 @@ def fsdp_lora_state_dict(root: nn.Module) -> dict:
 
     Each LoRA layer is an FSDP unit of its own (peft's wrap policy), so the units are gathered one at a
     time, never the 4-bit base; names are those of the unwrapped module. Used instead of FSDP's
-    FULL_STATE_DICT, which on 2 GPUs exported an adapter that scored like the untrained model (BENCHMARKS.md).
+    FULL_STATE_DICT, which gathers the whole model and failed outright on 2 CPU processes. (The untrained-like
+    FSDP adapters seen on GPUs came from peft's saving, not from this gather: see `write_adapter`.)
     """
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     out = {}
