@@ -85,3 +85,25 @@ def test_tree_scores_match_one_sequence_per_candidate(lora_model, tokenizer, tas
     lens = torch.tensor([len(c) for c in enc.candidates], dtype=torch.float32)
     torch.testing.assert_close(mean, got / lens)
     lora_model.train()
+
+
+def test_cache_interface(lora_model, tokenizer):
+    """The parts of Transformers' cache that `SharedPrefix` relies on, beyond the model's public forward:
+    the returned cache's `layers`, each layer's `keys` / `values` (batch, kv heads, length, head dim), and
+    `update(key_states, value_states, layer_idx, ...)` called once per attention layer and pass."""
+    from trec_accel.forward import SharedPrefix, hidden_states, parts
+    enc = Encoder(tokenizer, "coarse", "notebook")
+    decoder, _ = parts(lora_model)
+    cfg = decoder.config
+    with torch.no_grad():
+        prefix = SharedPrefix(decoder, torch.tensor([enc.prefix_ids]))
+        assert len(prefix.cache.layers) == cfg.num_hidden_layers
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        for k, v in prefix.states:
+            assert k.shape == v.shape == (1, cfg.num_key_value_heads, len(enc.prefix_ids), head_dim)
+        calls = []
+        update = prefix.cache.update
+        prefix.cache.update = lambda k, v, i, *a, **kw: calls.append(i) or update(k, v, i, *a, **kw)
+        ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+        hidden_states(decoder, ids, torch.ones_like(ids), prefix)
+    assert calls == list(range(cfg.num_hidden_layers))

@@ -45,8 +45,9 @@ class ModelConfig:
                                "for every new input shape (2-4 s each on an H100, measured), and length-grouped training "
                                "batches and evaluation batches keep changing shape; the other kernels run as fast here.")
     gradient_checkpointing: bool = _f(False, "Non-reentrant activation checkpointing: less memory, ~30% more compute.")
-    liger_kernels: bool = _f(False, "Patch RMSNorm/RoPE/SwiGLU with Liger Triton kernels (CUDA; `pip install "
-                             "trec-accel[liger]`): less elementwise traffic and ~1 GiB less peak memory on the 7B recipe.")
+    liger_kernels: bool = _f(False, "Patch RMSNorm/RoPE/SwiGLU with Liger Triton kernels (CUDA; from the checkout: "
+                             "`pip install -e '.[liger]'`): less elementwise traffic and ~1 GiB less peak memory on "
+                             "the 7B recipe.")
 
 
 @dataclass

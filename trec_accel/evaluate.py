@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .batching import Encoder, batch_rounds, length_batches, tree_batch
 from .forward import SharedPrefix, hidden_states, parts
@@ -136,7 +137,9 @@ def evaluate_examples(model, encoder: Encoder, examples, accelerator, batch_size
     batches = length_batches([len(e.prompt_ids) - p for e in encoded], batch_size, max_batch_tokens, extra)
     prefix = call_model(lambda m: shared_prefix(m, encoder)) if use_shared else None
     rows = []
-    for chunk, counted in batch_rounds(batches, rank, world):
+    rounds = batch_rounds(batches, rank, world)
+    for chunk, counted in tqdm(rounds, desc="scoring" if method == "score" else "generating", unit="batch",
+                               leave=False, dynamic_ncols=True, disable=not accelerator.is_main_process):
         prompts = [encoded[j].prompt_ids for j in chunk]
         if method == "score":
             scores = call_model(lambda m: score_prompts(m, encoder, prompts, prefix, normalize)).cpu()

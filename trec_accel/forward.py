@@ -7,9 +7,27 @@ gradients of the full-sequence computation (tests/test_forward.py checks this).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import inspect
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+# True while the prefix pass writes its cache: checkpointed layers then run plainly, since a recomputation
+# in the backward pass would write the cache a second time.
+_writing_cache = contextvars.ContextVar("trec_accel_writing_cache", default=False)
+
+
+@contextlib.contextmanager
+def _cache_writing():
+    token = _writing_cache.set(True)
+    try:
+        yield
+    finally:
+        _writing_cache.reset(token)
 
 
 def parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -18,17 +36,37 @@ def parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return base.get_decoder(), base.get_output_embeddings()
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(forward_type: type) -> str:
+    """The decoder's keyword for a key/value cache: `cache` since Transformers 5.24, `past_key_values` before
+    (the old name still works there, with a deprecation warning, until 5.40)."""
+    return "cache" if "cache" in inspect.signature(forward_type.forward).parameters else "past_key_values"
+
+
+def run_decoder(decoder: nn.Module, cache=None, **kwargs):
+    """The decoder's output, given `cache` under the keyword its version of Transformers takes; the cache it
+    returns is the output's field of the same name."""
+    name = _cache_keyword(type(decoder))
+    out = decoder(**kwargs, **({name: cache} if cache is not None else {}))
+    return out.last_hidden_state, getattr(out, name, None)
+
+
 class SharedPrefix:
     """The prefix's keys and values, computed once, broadcast over any batch without copying.
 
     Its cache's `update` returns the prefix joined with the new states and stores nothing, so one prefix
     serves any number of forward passes over different continuations: every training step computes its
     own (the gradients flow back into it), evaluation computes one for all its batches.
+
+    It uses three parts of Transformers' cache beyond the model's public forward: `cache.layers`, each
+    layer's `keys` / `values`, and `update(key_states, value_states, layer_idx, ...)` as the attention layers
+    call it; `tests/test_forward.py::test_cache_interface` names them, so a release that moves them fails there.
     """
 
     def __init__(self, decoder: nn.Module, prefix_ids: torch.Tensor):
         self.length = prefix_ids.shape[1]
-        self.cache = decoder(input_ids=prefix_ids, use_cache=True).past_key_values
+        with _cache_writing():
+            _, self.cache = run_decoder(decoder, input_ids=prefix_ids, use_cache=True)
         layers = self.cache.layers
         self.states = [(layer.keys, layer.values) for layer in layers]
 
@@ -37,7 +75,6 @@ class SharedPrefix:
             return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
 
         self.cache.update = read_only_update
-        self.cache.read_only = True
 
     def broadcast(self, batch_size: int):
         """The cache, its keys and values expanded (not copied) to `batch_size` rows."""
@@ -62,16 +99,16 @@ def hidden_states(decoder: nn.Module, input_ids: torch.Tensor, attention_mask: t
         position_ids = torch.arange(p, p + s, device=input_ids.device).expand(b, s)
     if prefix is None:
         mask = attention_mask if mask_4d is None else mask_4d
-        return decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                       use_cache=False).last_hidden_state
+        return run_decoder(decoder, input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                           use_cache=False)[0]
     cache = prefix.broadcast(b)
     if mask_4d is None:
         ones = torch.ones((b, p), dtype=attention_mask.dtype, device=attention_mask.device)
         mask = torch.cat([ones, attention_mask], dim=1)
     else:
         mask = mask_4d
-    return decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                   past_key_values=cache, use_cache=True).last_hidden_state
+    return run_decoder(decoder, cache, input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                       use_cache=True)[0]
 
 
 def next_token_logits(lm_head: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -86,13 +123,13 @@ def checkpoint_layers(model: nn.Module) -> None:
     Our own rather than Transformers' `gradient_checkpointing_enable`, which drops the key/value cache
     inside checkpointed layers. The prefix cache is read-only, so the recomputation in the backward pass
     sees exactly what the forward pass saw (dropout masks too: the RNG state is replayed). The prefix
-    pass itself writes its cache, so it is not checkpointed; at batch size 1 it holds little memory.
+    pass itself writes its cache, so it is not checkpointed (`SharedPrefix` marks it; the layers' keyword
+    for the cache changed name in Transformers 5.24, so it is not looked for); at batch 1 it holds little.
     """
     decoder, _ = parts(model)
     for layer in decoder.layers:
         def forward(*args, _forward=layer.forward, **kwargs):
-            cache = kwargs.get("past_key_values")
-            if not torch.is_grad_enabled() or (cache is not None and not getattr(cache, "read_only", False)):
+            if not torch.is_grad_enabled() or _writing_cache.get():
                 return _forward(*args, **kwargs)
             return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
         layer.forward = forward

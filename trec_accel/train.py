@@ -331,6 +331,11 @@ def run(cfg: Config) -> dict:
             write_json(state["history"], out / "history.json")
     if main:
         write_json(summary, out / "train_summary.json")
+        final = state["history"][-1] if state["history"] else {}
+        if "val/accuracy" in final:
+            print(f"step {state['step']}: validation accuracy {final['val/accuracy']:.1%} (macro-F1 "
+                  f"{final['val/macro_f1']:.3f}, loss {final['val/loss']:.4f}) on {len(val_examples)} questions",
+                  flush=True)
     accelerator.end_training()
     return summary
 
