@@ -17,8 +17,10 @@ from trec_accel.batching import Encoder, collate, epoch_order
 from trec_accel.config import load_config
 from trec_accel.data import load_splits
 from trec_accel.evaluate import evaluate_examples
-from trec_accel.loss import LabelLoss, batch_loss
-from trec_accel.model import add_lora, load_base, prepare_for_training
+from trec_accel.loss import LabelLoss
+from trec_accel.model import add_lora, load_base, parameter_counts, prepare_for_training
+from trec_accel.step import TrainStep, decide_cuda_graphs, decide_shared_prefix
+from trec_accel.train import make_optimizer
 
 
 CUDA = torch.cuda.is_available()
@@ -67,25 +69,32 @@ def main():
         report(prof, wall, f"evaluation of {len(splits['test'])} questions")
         return
     model = add_lora(prepare_for_training(base, cfg), cfg)
+    _, total = parameter_counts(model)
     encs = [enc.encode(e.text, e.label) for e in splits["train"]]
     order = epoch_order([len(e.prompt_ids) for e in encs], cfg.seed, 0, True, args.batch)
-    lm = LabelLoss(model).train()
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.train.lr)
-    b = args.batch
-    batches = [collate([encs[j] for j in order[i * b:(i + 1) * b]], tok.pad_token_id, enc.prefix_ids).to(acc.device)
-               for i in range(args.steps)]
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = make_optimizer(cfg, params, fused=CUDA)
+    lm, opt = acc.prepare(LabelLoss(model).train(), opt)  # as training does: autocast around the forward
+    # The same per-run decisions as training, so the profile shows the step a run of this config takes.
+    graphs = decide_cuda_graphs(cfg.train.cuda_graphs, acc.device, plan.backend, acc.mixed_precision,
+                                cfg.model.attn_implementation, total)
+    shared = decide_shared_prefix(cfg.train.shared_prefix, plan.backend, args.batch, graphs.on, total, 0)
+    print(f"CUDA graphs: {graphs}; shared prefix: {shared}")
+    step_fn = TrainStep(lm, acc, params, graphs.on)
+    b, slots = args.batch, max(len(c) for c in enc.candidates)
+    batches = [collate([encs[j] for j in order[i * b:(i + 1) * b]], tok.pad_token_id,
+                       enc.prefix_ids if shared.on else None, slots, cfg.train.pad_multiple) for i in range(args.steps)]
 
     def step(batch):
-        with acc.autocast():
-            loss, n = batch_loss(lm, batch)
-        (loss / n).backward()
+        step_fn(batch, 1.0 / batch.n_label_tokens)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not step_fn.keep_grads)
 
     times = [timed(lambda: step(batch)) for batch in batches[:-2]]
     with profile(activities=ACTIVITIES) as prof:
         wall = timed(lambda: [step(batch) for batch in batches[-2:]])
-    print("step seconds", [round(x, 3) for x in times], "widths", [x.input_ids.shape[1] for x in batches])
+    print("step seconds", [round(x, 3) for x in times], "widths", [x.input_ids.shape[1] for x in batches],
+          f"graph capture {step_fn.capture_seconds:.1f} s for {len(step_fn.graphs)} shapes")
     report(prof, wall, "two steps")
 
 

@@ -38,20 +38,26 @@ def test_prompt_without_label_is_the_prefix_of_the_labelled_one(encoder):
     assert encoder.encode(q).label_ids == []
 
 
-def test_loss_mask_covers_label_tokens_only(encoder, tokenizer):
+def test_loss_slots_are_the_label_tokens_only(encoder, tokenizer):
     exs = [encoder.encode("Who is Colin Powell ?", 3), encoder.encode("What is the population of the city of Mumbai ?", 5)]
     for prefix in (None, encoder.prefix_ids):
-        b = collate(exs, tokenizer.pad_token_id, prefix)
-        p = 0 if prefix is None else len(prefix)
-        for i, e in enumerate(exs):
-            seq = (e.prompt_ids + e.label_ids)[p:]
-            row = b.labels[i]
-            # Exactly the label tokens (answer + EOS) are targets, at their own positions.
-            assert row[row != IGNORE].tolist() == e.label_ids
-            assert (row[: len(e.prompt_ids) - p] == IGNORE).all()
-            assert (row[len(seq):] == IGNORE).all() and (b.attention_mask[i, len(seq):] == 0).all()
-            assert b.input_ids[i, : len(seq)].tolist() == seq
-        assert b.n_label_tokens == sum(len(e.label_ids) for e in exs)
+        for slots, multiple in ((0, 1), (6, 16)):
+            b = collate(exs, tokenizer.pad_token_id, prefix, label_slots=slots, width_multiple=multiple)
+            p = 0 if prefix is None else len(prefix)
+            longest = max(len(e.prompt_ids) + len(e.label_ids) - p for e in exs)
+            assert b.input_ids.shape[1] == -(-longest // multiple) * multiple
+            assert b.label_targets.shape[1] == max(slots, max(len(e.label_ids) for e in exs))
+            for i, e in enumerate(exs):
+                seq = (e.prompt_ids + e.label_ids)[p:]
+                n = len(e.label_ids)
+                # Exactly the label tokens (answer + EOS) are targets, each predicted from the position before it.
+                assert b.label_targets[i, :n].tolist() == e.label_ids
+                assert (b.label_targets[i, n:] == IGNORE).all()
+                assert b.input_ids[i, b.label_positions[i, :n] + 1].tolist() == e.label_ids
+                assert b.label_positions[i, 0] == len(e.prompt_ids) - p - 1
+                assert (b.attention_mask[i, len(seq):] == 0).all() and (b.attention_mask[i, : len(seq)] == 1).all()
+                assert b.input_ids[i, : len(seq)].tolist() == seq
+            assert b.n_label_tokens == sum(len(e.label_ids) for e in exs)
     shared = collate(exs, tokenizer.pad_token_id, encoder.prefix_ids)
     assert shared.prefix_ids[0].tolist() == encoder.prefix_ids
 

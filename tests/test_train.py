@@ -372,14 +372,30 @@ def test_trackers_record_the_run(tmp_path, toy_data, monkeypatch, tracker):
         assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
 
-def test_shared_prefix_falls_back_where_it_cannot_run(tokenizer):
-    """FSDP-1 (seen on GPUs: unreduced bf16 gradients) and an explicit switch take the plain path, with a reason."""
-    from trec_accel.batching import Encoder
-    from trec_accel.train import shared_prefix_reason
-    enc = Encoder(tokenizer, "coarse", "notebook")
-    encoded = [enc.encode("Who wrote Hamlet ?", 1)]
-    cfg = load_config(TINY)
-    assert shared_prefix_reason(cfg, enc, encoded, "single") is None
-    assert shared_prefix_reason(cfg, enc, encoded, "zero3") is None
-    assert "FSDP" in shared_prefix_reason(cfg, enc, encoded, "fsdp")
-    assert "false" in shared_prefix_reason(load_config(TINY, ["train.shared_prefix=false"]), enc, encoded, "single")
+def test_step_decisions_fall_back_where_they_cannot_run():
+    """CUDA graphs and the shared prefix: on where they pay, off with a reason where they cannot run or do not pay."""
+    from trec_accel.step import GRAPHS_MAX_PARAMETERS, decide_cuda_graphs, decide_shared_prefix
+    cuda, cpu, small, large = torch.device("cuda"), torch.device("cpu"), 135_000_000, 7_000_000_000
+    assert decide_cuda_graphs("auto", cuda, "single", "bf16", "sdpa", small).on
+    assert decide_cuda_graphs("on", cuda, "single", "bf16", "sdpa", large).on
+    for args, why in [(("auto", cpu, "single", "bf16", "sdpa", small), "CUDA"),
+                      (("on", cuda, "ddp", "bf16", "sdpa", small), "ddp backend"),
+                      (("on", cuda, "single", "fp16", "sdpa", small), "fp16"),
+                      (("on", cuda, "single", "bf16", "flash_attention_2", small), "FlashAttention-2"),
+                      (("auto", cuda, "single", "bf16", "sdpa", GRAPHS_MAX_PARAMETERS + 1), "bound by arithmetic"),
+                      (("off", cuda, "single", "bf16", "sdpa", small), "train.cuda_graphs=off")]:
+        d = decide_cuda_graphs(*args)
+        assert not d.on and why in d.why, (args, d)
+    assert decide_shared_prefix("auto", "single", 32, True, small, 0).on
+    assert decide_shared_prefix("auto", "zero3", 8, False, large, 0).on
+    assert decide_shared_prefix("on", "single", 1, False, small, 0).on
+    for args, why in [(("auto", "single", 32, False, small, 0), "launches"),
+                      (("auto", "single", 1, True, small, 0), "nothing to share"),
+                      (("on", "fsdp", 8, False, large, 0), "FSDP"),
+                      (("on", "single", 8, True, small, 3), "3 prompts"),
+                      (("off", "single", 8, True, large, 0), "train.shared_prefix=off")]:
+        d = decide_shared_prefix(*args)
+        assert not d.on and why in d.why, (args, d)
+    # YAML's booleans still work for the switch.
+    assert load_config(TINY, ["train.shared_prefix=false"]).train.shared_prefix == "off"
+    assert load_config(TINY, ["train.shared_prefix=true"]).train.shared_prefix == "on"

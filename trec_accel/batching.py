@@ -137,44 +137,68 @@ class Batch:
 
     `prefix_ids` (1, P) holds the shared instruction when the batch is made for the shared-prefix path;
     then `input_ids` (B, S) holds only what follows it. On the plain path `prefix_ids` is None and
-    `input_ids` holds whole sequences. `labels` is -100 on prompt and padding, so the loss sees only the
-    label tokens.
+    `input_ids` holds whole sequences. The loss is taken at K label slots per row: `label_positions` (B, K)
+    are the columns whose next token is a label token, `label_targets` (B, K) those tokens, IGNORE in the
+    slots a shorter label leaves empty. Shapes depend only on the batch size, the padded width and K, so a
+    batch of a known shape can be replayed from a CUDA graph.
     """
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    labels: torch.Tensor
+    label_positions: torch.Tensor
+    label_targets: torch.Tensor
     prefix_ids: torch.Tensor | None = None
 
     @property
     def n_label_tokens(self) -> int:
-        return int((self.labels != IGNORE).sum())
+        return int((self.label_targets != IGNORE).sum())
 
     @property
     def n_tokens(self) -> int:
         """Tokens the model runs: the prefix once, plus the unpadded per-example tokens."""
-        p = 0 if self.prefix_ids is None else self.prefix_ids.shape[1]
-        return p + int(self.attention_mask.sum())
+        return self.prefix_length + int(self.attention_mask.sum())
+
+    @property
+    def prefix_length(self) -> int:
+        return 0 if self.prefix_ids is None else self.prefix_ids.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """What a CUDA graph of this batch is keyed by: batch, width, label slots, prefix length."""
+        return (*self.input_ids.shape, self.label_targets.shape[1], self.prefix_length)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t for t in (self.input_ids, self.attention_mask, self.label_positions, self.label_targets,
+                                 self.prefix_ids) if t is not None)
 
     def to(self, device) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)
-        return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels), move(self.prefix_ids))
+        return Batch(*(move(t) for t in (self.input_ids, self.attention_mask, self.label_positions,
+                                         self.label_targets, self.prefix_ids)))
 
 
-def collate(examples: Sequence[Encoded], pad_id: int, prefix_ids: Sequence[int] | None = None) -> Batch:
-    """Right-pad to the longest sequence of the batch; with `prefix_ids`, cut the shared prefix off each one."""
+def collate(examples: Sequence[Encoded], pad_id: int, prefix_ids: Sequence[int] | None = None,
+            label_slots: int = 0, width_multiple: int = 1) -> Batch:
+    """Right-pad to the longest sequence of the batch, rounded up to `width_multiple` (so that widths repeat);
+    with `prefix_ids`, cut the shared prefix off each one. `label_slots` fixes K (at least the longest label
+    of the batch; 0: exactly that)."""
     p = len(prefix_ids) if prefix_ids is not None else 0
     seqs = [(e.prompt_ids + e.label_ids)[p:] for e in examples]
-    n_prompt = [len(e.prompt_ids) - p for e in examples]
-    width = max(len(s) for s in seqs)
+    longest = max(len(s) for s in seqs)
+    width = -(-longest // width_multiple) * width_multiple
+    k = max(label_slots, max(len(e.label_ids) for e in examples))
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
-    for i, (s, n) in enumerate(zip(seqs, n_prompt)):
+    positions = torch.zeros((len(seqs), k), dtype=torch.long)
+    targets = torch.full((len(seqs), k), IGNORE, dtype=torch.long)
+    for i, (s, e) in enumerate(zip(seqs, examples)):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
-        labels[i, n : len(s)] = torch.tensor(s[n:], dtype=torch.long)
+        n = len(e.label_ids)
+        # Position t predicts token t + 1: the label's tokens are predicted from the n positions before them.
+        positions[i, :n] = torch.arange(len(s) - n - 1, len(s) - 1)
+        targets[i, :n] = torch.tensor(e.label_ids, dtype=torch.long)
     prefix = torch.tensor([list(prefix_ids)], dtype=torch.long) if prefix_ids is not None else None
-    return Batch(ids, mask, labels, prefix)
+    return Batch(ids, mask, positions, targets, prefix)
 
 
 def epoch_order(lengths: Sequence[int], seed: int, epoch: int, group_by_length: bool, batch: int) -> list[int]:

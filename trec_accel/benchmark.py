@@ -83,9 +83,8 @@ def reference_setups(args, task: str, base, tokenizer, train, results: dict) -> 
     mean_len = sum(len(r["input_ids"]) for r in _dataset(tokenizer, encoder, train)) / len(train)
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True,
                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    for setup in args.setups:
-        if setup not in ("a", "b"):
-            continue
+    runs = [(s_, b_) for s_ in args.setups if s_ in ("a", "b") for b_ in (args.trainer_batch if s_ == "b" else [1])]
+    for setup, batch in runs:
         # trl >= 1.x refuses LoRA on lm_head (its loss reads lm_head.weight directly): setup a adapts the
         # seven projections only, 1.4% fewer trainable parameters, the same speed class.
         lora_cfg = _cfg(args, task, ["lora.target_modules=" + ",".join(PROJECTIONS)]) if setup == "a" else cfg
@@ -106,7 +105,7 @@ def reference_setups(args, task: str, base, tokenizer, train, results: dict) -> 
                                  processing_class=tokenizer, callbacks=[timer.callback()])
             seqs_per_step = 8
         else:
-            bs = args.trainer_batch
+            bs = batch
             import inspect
             params = inspect.signature(TrainingArguments).parameters  # the option was renamed in transformers 5
             grouping = ({"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in params
@@ -118,37 +117,76 @@ def reference_setups(args, task: str, base, tokenizer, train, results: dict) -> 
             seqs_per_step = bs
         trainer.train()
         sps = seqs_per_step / timer.seconds_per_step()
-        results[f"{task}/{setup}"] = {"sequences_per_s": sps, "tokens_per_s": sps * mean_len,
+        key = f"{task}/{setup}" + (f"/{batch}" if setup == "b" else "")
+        results[key] = {"sequences_per_s": sps, "tokens_per_s": sps * mean_len,
                                       "seconds_per_epoch": len(train) / sps,
                                       "peak_gib": torch.cuda.max_memory_allocated() / GIB,
                                       "seconds_per_step": timer.seconds_per_step(), "sequences_per_step": seqs_per_step}
-        print(json.dumps({f"{task}/{setup}": results[f"{task}/{setup}"]}), flush=True)
+        results[key]["batch"] = seqs_per_step
+        print(json.dumps({key: results[key]}), flush=True)
         base = model.unload()
         del trainer, model
         torch.cuda.empty_cache()
 
 
-def trec_accel_setup(args, task: str, n_train: int, mean_len: float, results: dict) -> None:
-    """Setup c: the real entry point, one epoch, in its own process so its peak memory is its own."""
-    out = Path(args.out_dir) / f"c_{task}"
-    cmd = [sys.executable, "scripts/train.py", "--config", args.config, f"model.name={args.model}",
-           f"data.path={args.data}", f"data.task={task}", f"output_dir={out}", "train.max_steps=0", "train.epochs=1",
-           f"train.batch_size={args.batch}", "train.grad_accum=1", "train.group_by_length=true",
-           f"model.gradient_checkpointing={'true' if args.checkpointing else 'false'}", "train.eval_every=0", "train.save_every=0",
-           "train.log_every=1000", *args.c_overrides]
+def _train_process(args, overrides, out: Path) -> tuple[dict, float]:
+    """scripts/train.py in its own process (its peak memory is its own): (train_summary.json, wall seconds)."""
+    cmd = [sys.executable, "scripts/train.py", *overrides, f"output_dir={out}"]
+    t = time.perf_counter()
     subprocess.run(cmd, check=True)
-    s = json.loads((out / "train_summary.json").read_text())
+    return json.loads((out / "train_summary.json").read_text()), time.perf_counter() - t
+
+
+def _summary_row(s: dict, n_train: int, mean_len: float) -> dict:
     sps = s["sequences"] / s["train_seconds"]
-    # Without the process's first step (one-off kernel selection and allocator growth): what every epoch
-    # after the first costs, and what the first costs in a process that has already run a step.
-    steady = (s["sequences"] - s["global_batch"]) / (s["train_seconds"] - s["first_step_seconds"])
-    results[f"{task}/c"] = {"sequences_per_s": sps, "tokens_per_s": sps * mean_len,
-                            "seconds_per_epoch": n_train / sps, "peak_gib": s["peak_mem_gib"],
-                            "steady_sequences_per_s": steady, "steady_seconds_per_epoch": n_train / steady,
-                            "first_step_seconds": s["first_step_seconds"],
-                            "train_seconds": s["train_seconds"], "sequences": s["sequences"], "batch": args.batch,
-                            "checkpointing": bool(args.checkpointing)}
-    print(json.dumps({f"{task}/c": results[f"{task}/c"]}), flush=True)
+    # Without the process's first step (one-off kernel selection, allocator growth, a first CUDA graph): what
+    # every epoch after the first costs, and what the first costs in a process that has already run a step.
+    rest = s["train_seconds"] - s["first_step_seconds"]
+    steady = (s["sequences"] - s["global_batch"]) / rest if rest > 0 else sps
+    return {"sequences_per_s": sps, "tokens_per_s": sps * mean_len, "seconds_per_epoch": n_train / sps,
+            "peak_gib": s["peak_mem_gib"], "steady_sequences_per_s": steady,
+            "steady_seconds_per_epoch": n_train / steady, "first_step_seconds": s["first_step_seconds"],
+            "graph_capture_seconds": s.get("graph_capture_seconds"), "graph_shapes": s.get("graph_shapes"),
+            "cuda_graphs": s.get("cuda_graphs"), "shared_prefix": s.get("shared_prefix"),
+            "train_seconds": s["train_seconds"], "sequences": s["sequences"], "global_batch": s["global_batch"]}
+
+
+def trec_accel_setup(args, task: str, n_train: int, mean_len: float, results: dict) -> None:
+    """Setup c: the real entry point for one epoch, at each --batch and each --c-variants set of overrides."""
+    for batch in args.batch:
+        for variant in args.c_variants:
+            name = f"{task}/c/{batch}" + (f"/{variant}" if variant else "")
+            overrides = ["--config", args.config, f"model.name={args.model}", f"data.path={args.data}",
+                         f"data.task={task}", "train.max_steps=0", "train.epochs=1", f"train.batch_size={batch}",
+                         "train.grad_accum=1", "train.group_by_length=true",
+                         f"model.gradient_checkpointing={'true' if args.checkpointing else 'false'}",
+                         "train.eval_every=0", "train.save_every=0", "train.log_every=1000", *args.c_overrides,
+                         *variant.split()]
+            s, _ = _train_process(args, overrides, Path(args.out_dir) / name.replace("/", "_"))
+            results[name] = {**_summary_row(s, n_train, mean_len), "batch": batch, "variant": variant,
+                             "checkpointing": bool(args.checkpointing)}
+            print(json.dumps({name: results[name]}), flush=True)
+
+
+def config_runs(args, results: dict) -> None:
+    """Each shipped config as a user runs it: training, then scripts/evaluate.py on its adapter, wall times."""
+    for config in args.configs:
+        name = f"config/{Path(config).stem}"
+        out = Path(args.out_dir) / name.replace("/", "_")
+        model = [f"model.name={args.model}"] if "mistral7b" in config else []
+        s, wall = _train_process(args, ["--config", config, *model], out)
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "scripts/evaluate.py", "--config", config, *model, f"adapter={out}/adapter",
+                        f"output_dir={out}/test"], check=True)
+        eval_wall = time.perf_counter() - t
+        metrics = json.loads((out / "test" / "metrics.json").read_text())
+        results[name] = {"train_seconds": s["train_seconds"], "first_step_seconds": s["first_step_seconds"],
+                         "graph_capture_seconds": s.get("graph_capture_seconds"), "train_wall_seconds": wall,
+                         "steps": s["step"], "sequences": s["sequences"], "peak_gib": s["peak_mem_gib"],
+                         "cuda_graphs": s.get("cuda_graphs"), "shared_prefix": s.get("shared_prefix"),
+                         "val_accuracy": s.get("best_accuracy"), "evaluate_wall_seconds": eval_wall,
+                         "test_accuracy": metrics["accuracy"]}
+        print(json.dumps({name: results[name]}), flush=True)
 
 
 def eval_setups(args, task: str, base, tokenizer, test, results: dict) -> None:
@@ -188,25 +226,38 @@ def eval_setups(args, task: str, base, tokenizer, test, results: dict) -> None:
 
 def table(results: dict) -> str:
     lines = ["| task | setup | sequences/s | tokens/s | s/epoch | peak GiB | x (b) |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    names = {"a": "(a) notebook SFTTrainer", "b": "(b) Trainer, large batch", "c": "(c) trec-accel"}
+    names = {"a": "(a) notebook SFTTrainer", "b": "(b) Trainer, large batch"}
     for task in ("coarse", "fine"):
-        ref = results.get(f"{task}/b", {}).get("sequences_per_s")
-        for s in "abc":
-            r = results.get(f"{task}/{s}")
-            if r:
-                ratio = f"{r['sequences_per_s'] / ref:.1f}" if ref else "-"
-                lines.append(f"| {task} | {names[s]} | {r['sequences_per_s']:.1f} | {r['tokens_per_s']:,.0f} | "
-                             f"{r['seconds_per_epoch']:.1f} | {r['peak_gib']:.1f} | {ratio} |")
-                if "steady_sequences_per_s" in r:
-                    ratio = f"{r['steady_sequences_per_s'] / ref:.1f}" if ref else "-"
-                    lines.append(f"| {task} | {names[s]}, after its first step ({r['first_step_seconds']:.1f} s) | "
-                                 f"{r['steady_sequences_per_s']:.1f} | {r['steady_sequences_per_s'] * results[f'{task}/mean_sequence_tokens']:,.0f} | "
-                                 f"{r['steady_seconds_per_epoch']:.1f} | {r['peak_gib']:.1f} | {ratio} |")
+        bs = {r["batch"]: r["sequences_per_s"] for k, r in results.items() if k.startswith(f"{task}/b/")}
+        rows = [(names["a"], results[f"{task}/a"])] if f"{task}/a" in results else []
+        rows += [(f"{names['b']} {r['batch']}", r) for k, r in results.items() if k.startswith(f"{task}/b/")]
+        rows += [(f"(c) trec-accel, batch {r['batch']} {r['variant']}".rstrip(), r)
+                 for k, r in results.items() if k.startswith(f"{task}/c/")]
+        for label, r in rows:
+            # Against (b) at the same batch where it ran, else its first batch.
+            ref = bs.get(r["batch"], next(iter(bs.values()), None))
+            ratio = f"{r['sequences_per_s'] / ref:.1f}" if ref else "-"
+            lines.append(f"| {task} | {label} | {r['sequences_per_s']:.1f} | {r['tokens_per_s']:,.0f} | "
+                         f"{r['seconds_per_epoch']:.1f} | {r['peak_gib']:.1f} | {ratio} |")
+            if "steady_sequences_per_s" in r:
+                ratio = f"{r['steady_sequences_per_s'] / ref:.1f}" if ref else "-"
+                extra = f", graphs {r['graph_shapes']} shapes in {r['graph_capture_seconds']:.1f} s" if r.get("cuda_graphs") else ""
+                lines.append(f"| {task} | {label}, after its first step ({r['first_step_seconds']:.1f} s{extra}) | "
+                             f"{r['steady_sequences_per_s']:.1f} | {r['steady_sequences_per_s'] * results[f'{task}/mean_sequence_tokens']:,.0f} | "
+                             f"{r['steady_seconds_per_epoch']:.1f} | {r['peak_gib']:.1f} | {ratio} |")
         e = results.get(f"{task}/eval")
         if e:
             lines.append(f"| {task} | eval: generate, 1 question at a time | {e['generate_questions_per_s']:.2f} q/s | | | | |")
             lines.append(f"| {task} | eval: trec-accel scoring (batch/tokens {e['eval_batch']}), {e['n_test']} questions in {e['score_seconds_for_test']:.2f} s "
                          f"| {e['score_questions_per_s']:.0f} q/s | | | | x{e['speedup']:.0f} vs generate |")
+    configs = [(k, r) for k, r in results.items() if k.startswith("config/")]
+    if configs:
+        lines += ["", "| config | steps | training loop s | first step s | graph capture s | peak GiB | train wall s | "
+                      "evaluate.py wall s | val acc | test acc |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for k, r in configs:
+            lines.append(f"| {k[7:]} | {r['steps']} | {r['train_seconds']:.1f} | {r['first_step_seconds']:.1f} | "
+                         f"{r['graph_capture_seconds'] or 0:.1f} | {r['peak_gib'] or 0:.1f} | {r['train_wall_seconds']:.1f} | "
+                         f"{r['evaluate_wall_seconds']:.1f} | {r['val_accuracy'] or 0:.3f} | {r['test_accuracy']:.3f} |")
     return "\n".join(lines)
 
 
@@ -218,8 +269,11 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", nargs="+", default=["coarse", "fine"])
     p.add_argument("--setups", nargs="+", default=["a", "b", "c", "eval"])
     p.add_argument("--steps", type=int, default=6, help="timed optimizer steps of setups a and b (after 2 warm-up)")
-    p.add_argument("--trainer-batch", type=int, default=64)
-    p.add_argument("--batch", type=int, default=256, help="trec-accel micro-batch for setup c")
+    p.add_argument("--trainer-batch", type=int, nargs="+", default=[64], help="setup b's batch sizes")
+    p.add_argument("--batch", type=int, nargs="+", default=[256], help="trec-accel micro-batches for setup c")
+    p.add_argument("--c-variants", nargs="+", default=[""],
+                   help="setup c once per variant: a space-separated set of config overrides ('' = as configured)")
+    p.add_argument("--configs", nargs="*", default=[], help="shipped configs to run end to end (train + evaluate.py)")
     p.add_argument("--checkpointing", type=int, default=1, help="activation checkpointing in setup c (1/0)")
     p.add_argument("--eval-batch", type=int, nargs="+", default=[128, 256, 512],
                    help="scoring batch sizes (questions, at most) to time")
@@ -259,6 +313,8 @@ def main(argv=None) -> int:
         if "c" in args.setups:
             trec_accel_setup(args, task, len(splits["train"]), mean_len, results)
         (out / "benchmark.json").write_text(json.dumps(results, indent=1))
+    config_runs(args, results)
+    (out / "benchmark.json").write_text(json.dumps(results, indent=1))
     print(table(results))
     (out / "benchmark.md").write_text(table(results) + "\n")
     return 0

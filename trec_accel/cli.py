@@ -27,9 +27,10 @@ def expected_errors() -> tuple[type[Exception], ...]:
     from .batching import PromptTokenError
     from .data import DataError
     from .evaluate import EvalError
+    from .memory import OutOfMemory
     from .model import ModelLoadError
     from .offline_models import OfflineModelError
-    return ConfigError, DataError, EvalError, ModelLoadError, OfflineModelError, PromptTokenError
+    return ConfigError, DataError, EvalError, ModelLoadError, OfflineModelError, OutOfMemory, PromptTokenError
 
 
 def main(body: Callable[[], object]) -> int:

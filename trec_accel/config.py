@@ -84,8 +84,16 @@ class TrainConfig:
     optimizer: str = _f("adamw", "adamw (torch), or bitsandbytes paged_adamw_32bit / paged_adamw_8bit / adamw_8bit.",
                         ("adamw", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"))
     max_grad_norm: float = _f(0.3, "Gradient clipping norm (0 = off).")
-    shared_prefix: bool = _f(True, "Run the instruction shared by every example once per batch and reuse its "
-                             "key/value cache; falls back to full sequences (logged) where it cannot run.")
+    shared_prefix: str = _f("auto", "Run the instruction shared by every example once per micro-batch and reuse its "
+                            "key/value cache. auto: on with CUDA graphs or above 2B parameters and batches of 2 or more, "
+                            "off for an eager small model (a second pass doubles its launches; measured in "
+                            "BENCHMARKS.md). Falls back to full sequences (logged) where it cannot run.",
+                            ("auto", "on", "off"))
+    cuda_graphs: str = _f("auto", "Replay each micro-batch's forward and backward from a CUDA graph captured once per "
+                          "batch shape. auto: on for one CUDA process and models up to 2B parameters (launch-bound); "
+                          "falls back to eager steps (logged) where it cannot run.", ("auto", "on", "off"))
+    pad_multiple: int = _f(8, "Pad each micro-batch's width to a multiple of this many tokens, so that batch shapes "
+                           "repeat (one CUDA graph per shape).")
     group_by_length: bool = _f(False, "Batch questions of similar length together (shuffled in mega-batches).")
     log_every: int = _f(10, "Log loss, lr, grad norm, tokens/s and memory every N optimizer steps.")
     eval_every: int = _f(0, "Validation loss and accuracy every N steps (0 = only at the end).")
@@ -210,6 +218,9 @@ def _set(cfg: Any, key: str, value: Any, full_key: str) -> None:
         return
     if rest:
         raise _unknown(full_key, _all_keys())
+    choices = _fields(type(cfg))[head].metadata.get("choices") or ()
+    if isinstance(value, bool) and "on" in choices:  # YAML's true/false for an auto/on/off switch
+        value = "on" if value else "off"
     setattr(cfg, head, _coerce(full_key, value, typ))
 
 
@@ -274,6 +285,7 @@ def validate(cfg: Config) -> None:
         (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0"),
         (t.log_every > 0, "train.log_every must be > 0"),
+        (t.pad_multiple > 0, "train.pad_multiple must be > 0"),
         (t.eval_every >= 0 and t.save_every >= 0, "train.eval_every and train.save_every must be >= 0"),
         (t.keep_last > 0, "train.keep_last must be > 0"),
         (e.batch_size > 0, "eval.batch_size must be > 0"),

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .batching import Encoder, batch_rounds, length_batches, tree_batch
 from .forward import SharedPrefix, hidden_states, parts
+from .memory import EVAL_MEMORY_SETTINGS, out_of_memory
 from .reports import compute_metrics
 
 log = logging.getLogger("trec_accel")
@@ -67,9 +68,10 @@ def score_prompts(model, encoder: Encoder, prompts: Sequence[list[int]], prefix:
     p = prefix.length if prefix is not None else 0
     ids, pos, allow, n = (t.to(device) for t in tree_batch(trie, [q[p:] for q in prompts], p,
                                                             encoder.tokenizer.pad_token_id))
-    mask = allow if getattr(decoder.config, "_attn_implementation", "sdpa") != "eager" else \
-        torch.zeros(allow.shape, device=device).masked_fill(~allow, torch.finfo(torch.float32).min)
-    hidden = hidden_states(decoder, ids, torch.ones_like(ids), prefix, pos, mask)
+    if getattr(decoder.config, "_attn_implementation", "sdpa") == "flash_attention_2":
+        raise EvalError("eval.method=score needs a tree-shaped attention mask, which FlashAttention-2 cannot take: "
+                        "set model.attn_implementation=sdpa")
+    hidden = hidden_states(decoder, ids, torch.ones_like(ids), prefix, pos, allow)
     b, m = len(prompts), ids.shape[1] - len(trie.tokens)
     # Column 0: the question's last position (first label token); 1 + j: trie node j.
     h = torch.cat([hidden[torch.arange(b, device=device), n - 1][:, None], hidden[:, m:]], 1)
@@ -211,7 +213,7 @@ def run(cfg) -> dict:
     accelerator = make_accelerator(cfg)
     model, tokenizer = load_for_inference(cfg, accelerator, cfg.adapter)
     encoder = Encoder(tokenizer, cfg.data.task, cfg.data.template)
-    with accelerator.autocast():
+    with accelerator.autocast(), out_of_memory("evaluation", EVAL_MEMORY_SETTINGS):
         metrics, rows = evaluate_examples(model, encoder, examples, accelerator, cfg.eval.batch_size,
                                           cfg.eval.normalize, True, cfg.eval.method, cfg.eval.max_new_tokens,
                                           max_batch_tokens=cfg.eval.max_batch_tokens)

@@ -65,8 +65,12 @@ class SharedPrefix:
 
     def __init__(self, decoder: nn.Module, prefix_ids: torch.Tensor):
         self.length = prefix_ids.shape[1]
+        from transformers import DynamicCache
+        # A cache of plain layers, not the one the model would make from its config: a sliding-window layer
+        # copies a CPU tensor to the GPU when it starts, which a CUDA graph cannot capture, and the prefix is
+        # far shorter than any window.
         with _cache_writing():
-            _, self.cache = run_decoder(decoder, input_ids=prefix_ids, use_cache=True)
+            _, self.cache = run_decoder(decoder, DynamicCache(), input_ids=prefix_ids, use_cache=True)
         layers = self.cache.layers
         self.states = [(layer.keys, layer.values) for layer in layers]
 
@@ -85,11 +89,13 @@ class SharedPrefix:
 
 def hidden_states(decoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   prefix: torch.Tensor | SharedPrefix | None = None, position_ids: torch.Tensor | None = None,
-                  mask_4d: torch.Tensor | None = None) -> torch.Tensor:
+                  allow: torch.Tensor | None = None) -> torch.Tensor:
     """Last hidden states of `input_ids`, after the prefix when given (its token ids, or already run).
 
-    `mask_4d` (B, 1, S, P+S), additive, replaces the causal mask: evaluation uses it to score every
-    candidate label of a question side by side in one row.
+    The attention mask goes to the model as a boolean (B, 1, S, P+S) `allow` matrix, causal over the real
+    tokens by default: the model then runs no data-dependent checks on it (which would wait for the GPU and
+    cannot be captured in a CUDA graph). Evaluation passes its own `allow` to score every candidate label of
+    a question side by side in one row.
     """
     b, s = input_ids.shape
     if isinstance(prefix, torch.Tensor):
@@ -97,24 +103,42 @@ def hidden_states(decoder: nn.Module, input_ids: torch.Tensor, attention_mask: t
     p = 0 if prefix is None else prefix.length
     if position_ids is None:
         position_ids = torch.arange(p, p + s, device=input_ids.device).expand(b, s)
-    if prefix is None:
-        mask = attention_mask if mask_4d is None else mask_4d
-        return run_decoder(decoder, input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                           use_cache=False)[0]
-    cache = prefix.broadcast(b)
-    if mask_4d is None:
-        ones = torch.ones((b, p), dtype=attention_mask.dtype, device=attention_mask.device)
-        mask = torch.cat([ones, attention_mask], dim=1)
-    else:
-        mask = mask_4d
+    if allow is None:
+        allow = causal_allow(attention_mask, p)
+    mask = model_mask(decoder, allow, attention_mask, p)
+    cache = None if prefix is None else prefix.broadcast(b)
     return run_decoder(decoder, cache, input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                       use_cache=True)[0]
+                       use_cache=cache is not None)[0]
 
 
-def next_token_logits(lm_head: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Float logits at the selected (B, S) positions only: the vocabulary projection is the costliest
-    matrix of a short sequence, so it is never taken where no loss or score needs it."""
-    return lm_head(hidden[positions]).float()
+def causal_allow(attention_mask: torch.Tensor, p: int = 0) -> torch.Tensor:
+    """(B, 1, S, P+S) bool: token i sees the P prefix tokens and the real tokens j <= i. A padding row sees
+    the real tokens before it, so no row is empty (an empty row would give NaN in SDPA)."""
+    b, s = attention_mask.shape
+    r = torch.arange(s, device=attention_mask.device)
+    allow = (r[None, :, None] >= r[None, None, :]) & attention_mask.bool()[:, None, :]
+    if p:
+        allow = torch.cat([allow.new_ones((b, s, p)), allow], 2)
+    return allow[:, None]
+
+
+def model_mask(decoder: nn.Module, allow: torch.Tensor, attention_mask: torch.Tensor, p: int) -> torch.Tensor:
+    """The mask in the form the decoder's attention takes: SDPA the boolean matrix, eager an additive one;
+    FlashAttention-2 takes only the (B, P+S) padding mask, and so only causal masks."""
+    kind = getattr(decoder.config, "_attn_implementation", "sdpa")
+    if kind == "flash_attention_2":
+        return torch.cat([attention_mask.new_ones((attention_mask.shape[0], p)), attention_mask], 1)
+    if kind == "eager":
+        return torch.zeros(allow.shape, device=allow.device).masked_fill(~allow, torch.finfo(torch.float32).min)
+    return allow
+
+
+def label_logits(lm_head: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Float logits (B, K, V) at the (B, K) `positions` only: the vocabulary projection is the costliest matrix
+    of a short sequence, so it is never taken where no loss or score needs it. A gather, not a boolean mask:
+    its shape does not depend on the data."""
+    index = positions[..., None].expand(-1, -1, hidden.shape[-1])
+    return lm_head(hidden.gather(1, index)).float()
 
 
 def checkpoint_layers(model: nn.Module) -> None:

@@ -61,8 +61,9 @@ def load_plan(cfg: Config, accelerator) -> LoadPlan:
         raise ConfigError(f"train.optimizer={cfg.train.optimizer} cannot be used with {backend}: the backend shards "
                           "optimizer state itself; use train.optimizer=adamw")
     # Sharding backends flatten parameters of one dtype: 4-bit weights are stored in the training dtype
-    # (bnb_4bit_quant_storage) and placed by the backend, not by device_map.
-    device_map = None if sharded or not quantize else {"": accelerator.device}
+    # (bnb_4bit_quant_storage) and placed by the backend, not by device_map. Elsewhere the weights load
+    # straight onto this process's device, where training and evaluation use them.
+    device_map = None if sharded else {"": accelerator.device}
     return LoadPlan(backend, quantize, dtype, device_map, dtype if (quantize and sharded) else None)
 
 

@@ -67,6 +67,12 @@ HUB_ALIASES: dict[str, str] = {
 BUILD_VERSION = "v1"
 
 SMOLLM2_GGUF_ENV = "TREC_ACCEL_SMOLLM2_GGUF"
+# The chat template stored in that GGUF file (and in SmolLM2-135M-Instruct's tokenizer_config.json).
+SMOLLM2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SIZE = 98_362_432
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -503,7 +509,10 @@ def build_smollm2_from_gguf(dest: PathLike, gguf_path: Optional[PathLike] = None
 
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     if not tok.chat_template:
-        raise RuntimeError(f"{gguf} carries no chat template")
+        # Seen on the GPU host (transformers 5.17, tokenizers 0.23.2): the file's template was not read,
+        # where the same file and transformers read it here. It is the model's published template.
+        warnings.warn(f"{gguf}: no chat template read from the file; using SmolLM2-Instruct's own")
+        tok.chat_template = SMOLLM2_CHAT_TEMPLATE
     if tok.eos_token is None:
         raise RuntimeError(f"{gguf} carries no eos token")
     if tok.pad_token is None:

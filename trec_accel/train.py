@@ -8,6 +8,7 @@ on SIGTERM / SIGUSR1 before a clean exit.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,9 +24,13 @@ from . import checkpoint
 from .batching import Encoder, batch_rounds, collate, epoch_order, micro_batches, shard
 from .config import Config, ConfigError, flat_dict, save_config
 from .data import load_splits
+from .forward import parts
 from .loss import LabelLoss, batch_loss
 from .model import (ADAPTER_META, adapter_meta, add_lora, backend_of, fsdp_lora_state_dict, load_base, write_adapter,
                     parameter_counts, prepare_for_training)
+from .memory import EVAL_MEMORY_SETTINGS, out_of_memory
+from .step import TrainStep, decide_cuda_graphs, decide_shared_prefix
+from .throughput import ModelFlops, peak_flops
 
 log = logging.getLogger("trec_accel")
 
@@ -50,9 +55,11 @@ def make_accelerator(cfg: Config, gradient_accumulation_steps: int = 1):
     return accelerator
 
 
-def make_optimizer(cfg: Config, params, foreach: bool | None = None):
+def make_optimizer(cfg: Config, params, foreach: bool | None = None, fused: bool = False):
     t = cfg.train
     if t.optimizer == "adamw":
+        if fused:
+            return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=True)
         return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, foreach=foreach)
     try:
         import bitsandbytes.optim as bnb_optim
@@ -79,21 +86,6 @@ def configure_backend(accelerator, cfg: Config) -> None:
         ds["gradient_clipping"] = cfg.train.max_grad_norm or 0.0
 
 
-def shared_prefix_reason(cfg: Config, encoder: Encoder, encoded, backend: str) -> str | None:
-    """None when the shared-prefix path can run, else why not."""
-    if not cfg.train.shared_prefix:
-        return "train.shared_prefix is false"
-    if backend == "fsdp":
-        # Seen on the GPU: FSDP-1 casts and reduces a unit's gradient in a hook that runs once per backward,
-        # and the instruction pass plus the question pass call each unit twice, leaving bf16 gradients
-        # beside fp32 parameters at the optimizer step.
-        return "FSDP-1 reduces each wrapped layer's gradient once per step, and the shared prefix calls every layer twice"
-    bad = sum(not encoder.shares_prefix(e) for e in encoded)
-    if bad:
-        return f"{bad} prompts do not start with the instruction's tokens (the tokenizer merges across it)"
-    return None
-
-
 class SignalFlag:
     """SIGTERM / SIGUSR1 (what SLURM sends before a time limit or preemption) ask for a checkpoint and exit."""
 
@@ -108,6 +100,53 @@ class SignalFlag:
         """Give the handlers back, so that a caller of `run` in the same process can still be stopped."""
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+class TrainClock:
+    """Seconds spent in training steps, validation and saving excluded, with as few device syncs as that
+    allows: one after the first step (its one-off costs are reported apart), one at each pause and log."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.total, self.first_step, self._logged = 0.0, None, 0.0
+        self._mark = None
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self) -> None:
+        self._sync()
+        self._mark = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._mark is not None:
+            self._sync()
+            self.total += time.perf_counter() - self._mark
+            self._mark = None
+
+    def step_done(self) -> None:
+        if self.first_step is None:
+            self.stop()
+            self.first_step = self.total
+            self.start()
+
+    @contextlib.contextmanager
+    def paused(self):
+        running = self._mark is not None
+        self.stop()
+        try:
+            yield
+        finally:
+            if running:
+                self.start()
+
+    def interval(self) -> float:
+        """Training seconds since the previous call."""
+        self.stop()
+        self.start()
+        seconds, self._logged = self.total - self._logged, self.total
+        return seconds
 
 
 def _trainable_only(model) -> set[str]:
@@ -147,10 +186,13 @@ def run(cfg: Config) -> dict:
 
     encoder = Encoder(tokenizer, cfg.data.task, cfg.data.template)
     encoded = [encoder.encode(e.text, e.label) for e in train_examples]
-    reason = shared_prefix_reason(cfg, encoder, encoded, plan.backend)
-    prefix = encoder.prefix_ids if reason is None else None
-    log.info("shared prefix: %s", f"on ({len(encoder.prefix_ids)} tokens run once per batch)" if reason is None
-             else f"off ({reason})")
+    graphs = decide_cuda_graphs(cfg.train.cuda_graphs, accelerator.device, plan.backend, accelerator.mixed_precision,
+                                cfg.model.attn_implementation, total)
+    shared = decide_shared_prefix(cfg.train.shared_prefix, plan.backend, cfg.train.batch_size, graphs.on, total,
+                                  sum(not encoder.shares_prefix(e) for e in encoded))
+    prefix = encoder.prefix_ids if shared.on else None
+    log.info("CUDA graphs: %s; shared prefix: %s%s", graphs, shared,
+             f", {len(encoder.prefix_ids)} tokens run once per micro-batch" if shared.on else "")
 
     world, rank = accelerator.num_processes, accelerator.process_index
     global_micro = cfg.train.batch_size * world
@@ -165,8 +207,10 @@ def run(cfg: Config) -> dict:
         loss_model = accelerator.prepare(loss_model)
     params = [p for p in loss_model.parameters() if p.requires_grad]
     # Per-tensor AdamW under FSDP is the setup verified on GPUs (BENCHMARKS.md); FSDP holds the LoRA weights
-    # in a few flat parameters, so multi-tensor kernels would save little there.
-    optimizer = make_optimizer(cfg, params, foreach=False if fsdp is not None else None)
+    # in a few flat parameters, so multi-tensor kernels would save little there. Elsewhere on CUDA, the fused
+    # kernel: one launch for all of LoRA's tensors.
+    optimizer = make_optimizer(cfg, params, foreach=False if fsdp is not None else None,
+                               fused=accelerator.device.type == "cuda" and plan.backend in ("single", "ddp"))
     scheduler = make_scheduler(cfg, optimizer, total_steps)
     if fsdp is not None:
         optimizer = accelerator.prepare(optimizer)
@@ -208,24 +252,30 @@ def run(cfg: Config) -> dict:
     pad = tokenizer.pad_token_id
     max_norm = cfg.train.max_grad_norm or float("inf")
     device = accelerator.device
+    step_fn = TrainStep(loss_model, accelerator, params, graphs.on)
+    flops = ModelFlops(*parts(accelerator.unwrap_model(loss_model).model))
+    peak = peak_flops(device)
+    label_slots = max(len(c) for c in encoder.candidates)  # a fixed K: batch shapes repeat
     window: list[list[int]] = []
-    tokens_seen, t0 = 0, time.perf_counter()
-    train_seconds, sequences = 0.0, 0  # time in optimizer steps only: validation and saving excluded
-    first_step_seconds = None  # this process's first step pays one-off costs (kernel selection, allocator growth)
+    clock = TrainClock(device)
+    tokens_seen, flops_seen, sequences = 0, 0.0, 0
     loss_local, label_tokens = torch.zeros((), device=device), 0  # summed over the steps of one log interval
     interrupted = False
 
     def save(step_state: dict) -> Path:
         best = (state["best_step"],) if state["best_step"] is not None else ()
-        return checkpoint.save(accelerator, ckpt_root, step_state["step"], step_state, cfg.train.keep_last,
-                               protect=best)
+        with clock.paused():
+            return checkpoint.save(accelerator, ckpt_root, step_state["step"], step_state, cfg.train.keep_last,
+                                   protect=best)
 
     def validate(step: int) -> dict:
         loss_model.eval()
-        metrics, _ = evaluate_examples(accelerator.unwrap_model(loss_model).model, encoder, val_examples, accelerator,
-                                       cfg.eval.batch_size, cfg.eval.normalize, prefix is not None,
-                                       call_model=lambda fn: loss_model(call=fn), max_batch_tokens=cfg.eval.max_batch_tokens)
-        val_loss = validation_loss(loss_model, encoder, val_examples, accelerator, cfg.eval.batch_size, prefix, pad)
+        with clock.paused(), out_of_memory("validation", EVAL_MEMORY_SETTINGS):
+            metrics, _ = evaluate_examples(accelerator.unwrap_model(loss_model).model, encoder, val_examples,
+                                           accelerator, cfg.eval.batch_size, cfg.eval.normalize, prefix is not None,
+                                           call_model=lambda fn: loss_model(call=fn),
+                                           max_batch_tokens=cfg.eval.max_batch_tokens)
+            val_loss = validation_loss(loss_model, encoder, val_examples, accelerator, cfg.eval.batch_size, prefix, pad)
         loss_model.train()
         if cfg.log.tracker != "none":
             png = out / "val_confusion_matrix.png"
@@ -239,36 +289,33 @@ def run(cfg: Config) -> dict:
     if main:
         from tqdm.auto import tqdm
         pbar = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True)
+    train_settings = ("a smaller train.batch_size (a larger train.grad_accum keeps the global batch), "
+                      "model.gradient_checkpointing=true, or train.cuda_graphs=off")
+    clock.start()
     while state["step"] < total_steps and not interrupted:
         order = epoch_order(lengths, cfg.seed, state["epoch"], cfg.train.group_by_length, global_micro)
         for position, indices in micro_batches(order, state["position"], global_micro):
             window.append(indices)
             if len(window) < cfg.train.grad_accum:
                 continue
-            step_start = time.perf_counter()
             # Every process knows the global batch, so the normaliser needs no communication.
             n_global = sum(len(encoded[i].label_ids) for idx in window for i in idx)
             scale = cfg.train.grad_accum * world / n_global
-            for idx in window:
-                batch = collate([encoded[i] for i in shard(idx, rank, world)], pad, prefix)
-                tokens_seen += batch.n_tokens  # counted on the CPU tensors: no device sync
-                batch = batch.to(device)
-                with accelerator.accumulate(loss_model):
-                    loss_sum, _ = batch_loss(loss_model, batch)
-                    accelerator.backward(loss_sum * scale)
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(params, max_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                loss_local += loss_sum.detach()
+            with out_of_memory("training", train_settings, lambda: step_fn.last_shape):
+                for idx in window:
+                    batch = collate([encoded[i] for i in shard(idx, rank, world)], pad, prefix, label_slots,
+                                    cfg.train.pad_multiple)
+                    tokens_seen += batch.n_tokens  # counted on the CPU tensors: no device sync
+                    flops_seen += flops.of(batch)
+                    with accelerator.accumulate(loss_model):
+                        loss_local += step_fn(batch, scale)
+                        if accelerator.sync_gradients:
+                            grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=not step_fn.keep_grads)
             label_tokens += n_global
             scheduler.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            step_seconds = time.perf_counter() - step_start
-            train_seconds += step_seconds
-            if first_step_seconds is None:
-                first_step_seconds = step_seconds
+            clock.step_done()
             sequences += sum(len(idx) for idx in window)
             window = []
             state["step"] += 1
@@ -277,21 +324,26 @@ def run(cfg: Config) -> dict:
             if pbar is not None:
                 pbar.update(1)
 
-            stop = accelerator.reduce(torch.tensor(float(flag.signum), device=device), "max").item() > 0
+            # One process reads its own flag; several agree on it (a collective, so only then).
+            stop = flag.signum > 0 if world == 1 else \
+                accelerator.reduce(torch.tensor(float(flag.signum), device=device), "max").item() > 0
             last = step >= total_steps
             if step % cfg.train.log_every == 0 or last:
                 # The mean over every label token since the last log, not just this step's.
                 loss = accelerator.reduce(loss_local, "sum").item() / label_tokens
                 loss_local.zero_()
                 label_tokens = 0
-                elapsed = time.perf_counter() - t0
-                toks = accelerator.reduce(torch.tensor(float(tokens_seen), device=device), "sum").item()
+                seconds = clock.interval()
+                toks, fl = accelerator.reduce(torch.tensor([float(tokens_seen), flops_seen], device=device,
+                                                           dtype=torch.float64), "sum").tolist()
                 row = {"step": step, "train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
                        "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
-                       "train/tokens_per_s": toks / elapsed, "train/epoch": state["epoch"] + position / len(order)}
+                       "train/tokens_per_s": toks / seconds, "train/epoch": state["epoch"] + position / len(order)}
+                if peak:
+                    row["train/mfu"] = fl / seconds / (peak * world)
                 if device.type == "cuda":
                     row["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                tokens_seen, t0 = 0, time.perf_counter()
+                tokens_seen, flops_seen = 0, 0.0
                 if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
                     row.update(validate(step))
                     if state["best_accuracy"] is None or row["val/accuracy"] > state["best_accuracy"]:
@@ -312,6 +364,7 @@ def run(cfg: Config) -> dict:
         else:
             state["epoch"] += 1
             state["position"] = 0
+    clock.stop()
     if pbar is not None:
         pbar.close()
     flag.restore()
@@ -319,9 +372,11 @@ def run(cfg: Config) -> dict:
     peaks = accelerator.gather(torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)).tolist() \
         if device.type == "cuda" else None
     summary = {"status": "interrupted" if interrupted else "finished", "step": state["step"],
-               "trainable_parameters": trainable, "total_parameters": total, "shared_prefix": reason is None,
+               "trainable_parameters": trainable, "total_parameters": total, "shared_prefix": shared.on,
+               "cuda_graphs": step_fn.graphs_on, "graph_shapes": len(step_fn.graphs),
+               "graph_capture_seconds": step_fn.capture_seconds,
                "best_accuracy": state["best_accuracy"], "best_step": state["best_step"],
-               "train_seconds": train_seconds, "sequences": sequences, "first_step_seconds": first_step_seconds,
+               "train_seconds": clock.total, "sequences": sequences, "first_step_seconds": clock.first_step,
                "global_batch": global_micro * cfg.train.grad_accum,
                "peak_mem_gib": peaks[0] if peaks else None, "peak_mem_gib_per_process": peaks}
     if not interrupted:

@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""On a CUDA GPU: a training step replayed from a CUDA graph computes what the eager step computes.
+
+For each micro-batch, the same weights, the gradients of the eager step and of the graph step (captured on a
+first batch of the same shape, replayed on this one) are compared by ||graph - eager|| / ||eager||, with the
+summed loss. Dropout is off so that both draw nothing at random.
+
+    python scripts/check_graphs.py --config configs/smollm2_coarse.yaml [key=value ...]
+"""
+import argparse
+import sys
+
+import torch
+from accelerate import Accelerator
+
+from trec_accel.batching import Encoder, collate
+from trec_accel.config import load_config
+from trec_accel.data import load_splits
+from trec_accel.loss import LabelLoss
+from trec_accel.model import add_lora, load_base
+from trec_accel.step import TrainStep
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("error: CUDA graphs need a CUDA GPU", file=sys.stderr)
+        return 2
+    cfg = load_config(args.config, [*args.overrides, "lora.dropout=0"])
+    acc = Accelerator(mixed_precision="bf16" if cfg.model.dtype in ("auto", "bf16") else "no")
+    base, tok, _ = load_base(cfg, acc)
+    model = add_lora(base, cfg)
+    with torch.no_grad():  # LoRA B starts at zero: give it weights so that every gradient is non-trivial
+        for n, w in model.named_parameters():
+            if "lora_B" in n:
+                w.normal_(0, 0.02)
+    params = [w for w in model.parameters() if w.requires_grad]
+    lm = acc.prepare(LabelLoss(model).train())
+    enc = Encoder(tok, cfg.data.task, cfg.data.template)
+    train = load_splits(cfg.data.path, cfg.data.task, cfg.data.val_fraction, cfg.data.split_seed)["train"]
+    encs = sorted((enc.encode(e.text, e.label) for e in train[: 8 * args.batch]), key=lambda e: len(e.prompt_ids))
+    slots = max(len(c) for c in enc.candidates)
+    # Pairs of batches of one shape: the graph is captured on the first and replayed on the second.
+    batches = [collate(encs[i : i + args.batch], tok.pad_token_id, enc.prefix_ids, slots, 64)
+               for i in range(0, len(encs), args.batch)]
+    eager, graphed = TrainStep(lm, acc, params, False), TrainStep(lm, acc, params, True)
+    for w in params:  # one set of gradient tensors, zeroed in place: the graphs write into these
+        w.grad = torch.zeros_like(w)
+    worst = 0.0
+    for batch in batches:
+        results = []
+        for step in (eager, graphed):
+            for w in params:
+                w.grad.zero_()
+            loss = float(step(batch, 1.0))
+            results.append((loss, torch.cat([w.grad.flatten().float() for w in params])))
+        (le, ge), (lg, gg) = results
+        rel = float((gg - ge).norm() / ge.norm())
+        worst = max(worst, rel)
+        print(f"batch {tuple(batch.input_ids.shape)}: loss eager {le:.6f} graph {lg:.6f}, gradient relative difference {rel:.2e}")
+    print(f"graphs captured: {len(graphed.graphs)}; worst gradient relative difference {worst:.2e}")
+    return 0 if graphed.graphs and worst < 2e-2 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Running out of GPU memory ends a run with one line that says which settings lower memory, not a
+traceback from deep inside PyTorch."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+
+
+EVAL_MEMORY_SETTINGS = "a smaller eval.max_batch_tokens or eval.batch_size"
+
+
+class OutOfMemory(RuntimeError):
+    """The GPU ran out of memory; the message names the batch and the settings that lower memory."""
+
+
+@contextlib.contextmanager
+def out_of_memory(what: str, settings: str, shape: Callable[[], tuple] | None = None):
+    """Turn a CUDA out-of-memory error inside the block into `OutOfMemory`, naming `settings` to lower and,
+    when `shape()` is given, the shape of the batch that failed (batch, width, label slots, prefix)."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        batch = ""
+        if shape is not None and shape():
+            b, w, k, p = shape()
+            batch = f" at a micro-batch of {b} x {w} tokens ({k} label slots" + (f", {p} shared prefix tokens)" if p else ")")
+        device = torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        raise OutOfMemory(f"CUDA out of memory in {what}{batch}: the GPU has {total:.1f} GiB and tensors took "
+                          f"{peak:.1f} GiB at the peak; to use less, set {settings} (checkpoints already saved are kept: "
+                          "resume=latest continues from the newest)") from None
