@@ -25,11 +25,12 @@ def parse(argv: list[str] | None, description: str, extra: Callable[[argparse.Ar
 
 def expected_errors() -> tuple[type[Exception], ...]:
     from .batching import PromptTokenError
+    from .checkpoint import CheckpointError
     from .data import DataError
     from .evaluate import EvalError
     from .model import ModelLoadError
     from .offline_models import OfflineModelError
-    return ConfigError, DataError, EvalError, ModelLoadError, OfflineModelError, PromptTokenError
+    return CheckpointError, ConfigError, DataError, EvalError, ModelLoadError, OfflineModelError, PromptTokenError
 
 
 def main(body: Callable[[], object]) -> int:

@@ -199,6 +199,7 @@ def select_split(cfg, splits: dict) -> tuple[str, list]:
 
 def run(cfg) -> dict:
     """Evaluate the base model (zero-shot) or cfg.adapter on eval.split; write the reports to output_dir."""
+    from .config import check_output_dir
     from .data import load_splits
     from .model import check_adapter, load_for_inference
     from .reports import format_report, plot_confusion_matrix, write_json, write_jsonl
@@ -206,6 +207,7 @@ def run(cfg) -> dict:
 
     if cfg.adapter:  # before the data: a wrong adapter is the clearer error
         check_adapter(cfg.adapter, cfg)
+    check_output_dir(cfg.output_dir)  # else an unwritable folder shows only after the evaluation
     split, examples = select_split(cfg, load_splits(cfg.data.path, cfg.data.task, cfg.data.val_fraction,
                                                     cfg.data.split_seed))
     accelerator = make_accelerator(cfg)

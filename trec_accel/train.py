@@ -21,7 +21,7 @@ import torch
 
 from . import checkpoint
 from .batching import Encoder, batch_rounds, collate, epoch_order, micro_batches, shard
-from .config import Config, ConfigError, flat_dict, save_config
+from .config import Config, ConfigError, check_output_dir, flat_dict, save_config
 from .data import load_splits
 from .loss import LabelLoss, batch_loss
 from .model import (ADAPTER_META, adapter_meta, add_lora, backend_of, fsdp_lora_state_dict, load_base, write_adapter,
@@ -121,6 +121,10 @@ def run(cfg: Config) -> dict:
     from .reports import plot_confusion_matrix, plot_training_curves, write_json
 
     out = Path(cfg.output_dir)
+    ckpt_root = out / "checkpoints"
+    # Before anything is loaded or written: a wrong resume path or output folder shows in a second.
+    resume_from = checkpoint.find_resume(cfg.resume, ckpt_root)
+    check_output_dir(out)
     splits = load_splits(cfg.data.path, cfg.data.task, cfg.data.val_fraction, cfg.data.split_seed)
     train_examples = splits["train"][: cfg.data.max_examples or None]
     val_examples = splits["validation"]
@@ -184,8 +188,6 @@ def run(cfg: Config) -> dict:
     accelerator.register_save_state_pre_hook(adapter_weights_only)
 
     state = {"step": 0, "epoch": 0, "position": 0, "history": [], "best_accuracy": None, "best_step": None}
-    ckpt_root = out / "checkpoints"
-    resume_from = checkpoint.find_resume(cfg.resume, ckpt_root)
     if resume_from is not None:
         # Checkpoints hold the trainable weights only; DeepSpeed's engine names the same switch differently.
         deepspeed = plan.backend in ("deepspeed", "zero3")
