@@ -28,9 +28,11 @@ def expected_errors() -> tuple[type[Exception], ...]:
     from .checkpoint import CheckpointError
     from .data import DataError
     from .evaluate import EvalError
+    from .launcher import LaunchError
     from .model import ModelLoadError
     from .offline_models import OfflineModelError
-    return CheckpointError, ConfigError, DataError, EvalError, ModelLoadError, OfflineModelError, PromptTokenError
+    return (CheckpointError, ConfigError, DataError, EvalError, LaunchError, ModelLoadError, OfflineModelError,
+            PromptTokenError)
 
 
 def main(body: Callable[[], object]) -> int:

@@ -23,6 +23,7 @@ from . import checkpoint
 from .batching import Encoder, batch_rounds, collate, epoch_order, micro_batches, shard
 from .config import Config, ConfigError, check_output_dir, flat_dict, save_config
 from .data import load_splits
+from .launcher import check_joined
 from .loss import LabelLoss, batch_loss
 from .model import (ADAPTER_META, adapter_meta, add_lora, backend_of, fsdp_lora_state_dict, load_base, write_adapter,
                     parameter_counts, prepare_for_training)
@@ -47,6 +48,7 @@ def make_accelerator(cfg: Config, gradient_accumulation_steps: int = 1):
                               log_with=trackers or None,
                               project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=cfg.output_dir),
                               step_scheduler_with_optimizer=False)
+    check_joined(accelerator)
     return accelerator
 
 
