@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fine-tune with LoRA on TREC: `accelerate launch scripts/train.py --config configs/NAME.yaml [key=value ...]`."""
+"""Fine-tune with LoRA on TREC: `accelerate launch -q scripts/train.py --config configs/NAME.yaml [key=value ...]`."""
 import sys
 
 from trec_accel import cli
