@@ -3,12 +3,19 @@ that names the problem and what to change, exit code 2, before anything expensiv
 behind that a later run would trust; or, on a signal, one checkpoint and exit code 0."""
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
-from trec_accel import cli
+from trec_accel import checkpoint, cli
 from trec_accel.config import load_config
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -56,7 +63,6 @@ def test_output_dir_that_cannot_be_created_stops_before_anything_is_loaded(tmp_p
 
 
 def launcher_env(**extra) -> dict:
-    import os
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     env.update(PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **extra)
     return env
@@ -65,9 +71,6 @@ def launcher_env(**extra) -> dict:
 def test_accelerate_launch_quiet_keeps_the_error_line_last(tmp_path):
     """The README's `accelerate launch -q`: no CalledProcessError traceback after the script's error line. The
     launcher exits 1 for any failure of its child: its quiet mode does not pass the child's code 2 on."""
-    import subprocess
-    import sys
-
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "-q", "--cpu", "--num_processes", "1",
                         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -110,9 +113,6 @@ num_processes: 2
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the template starts a real DDP run on GPUs")
 def test_accelerates_multi_gpu_template_without_gpus_starts_no_training(tmp_path, toy_data):
-    import subprocess
-    import sys
-
     from conftest import free_port
 
     config = tmp_path / "multi_gpu.yaml"
@@ -128,3 +128,100 @@ def test_accelerates_multi_gpu_template_without_gpus_starts_no_training(tmp_path
     assert re.search(r"exitcode\s*: 2 ", r.stderr), r.stderr[-3000:]
     assert r.returncode == 1
     assert not out.exists()  # neither wrote config.yaml, checkpoints or an adapter
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler for `sig` (SigCgt in /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = int(re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+    return bool(mask >> (sig - 1) & 1)
+
+
+def send(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:  # it has exited
+        pass
+
+
+def child_of(proc: subprocess.Popen, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        if children:
+            return int(children[0])
+        assert proc.poll() is None, "the launcher exited early"
+        time.sleep(0.05)
+    pytest.fail("the launcher started no process")
+
+
+def logged_steps(log: Path) -> list[int]:
+    return [int(s) for s in re.findall(r'"step": (\d+), "train/loss"', log.read_text(errors="replace"))]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_signals_in_any_rhythm_give_one_checkpoint_and_exit_0(tmp_path, toy_data):
+    """Real signals to real training processes started by `accelerate launch -q`: a scheduler that repeats its
+    SIGTERM 50-300 ms apart, a mix of SIGUSR1 / SIGINT / SIGTERM, and signals during start-up. Each then keeps
+    getting SIGTERM every 100 ms until it has exited: the handler stays installed to the end."""
+    T, U, I = signal.SIGTERM, signal.SIGUSR1, signal.SIGINT
+    rhythms = {"startup": [(T, 0), (I, 0.05), (U, 0.1)],  # first: the others wait for steps
+               "repeated": [(T, 0), (T, 0.05), (T, 0.3)], "mixed": [(U, 0), (I, 0.1), (T, 0.05), (U, 0.2), (I, 0)]}
+    runs = {}
+    try:
+        for name in rhythms:
+            out, log = tmp_path / name, tmp_path / f"{name}.log"
+            with open(log, "w") as f:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "accelerate.commands.launch", "-q", "--cpu", "--num_processes", "1",
+                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "scripts/train.py",
+                     "--config", TINY, f"output_dir={out}", f"data.path={toy_data}", "train.max_steps=100000",
+                     "train.batch_size=2", "train.grad_accum=1", "train.log_every=1", "train.save_every=0",
+                     "eval.max_examples=8"],
+                    cwd=ROOT, env=launcher_env(PYTHONUNBUFFERED="1"), stdout=f, stderr=subprocess.STDOUT)
+            runs[name] = (proc, out, log)
+        for name, (proc, out, log) in runs.items():
+            pid = child_of(proc, 60)
+            runs[name] = (proc, pid, out, log)
+            deadline = time.monotonic() + 180
+            # start-up: as soon as the script has installed its SIGTERM handler; else after 2 training steps
+            while not (catches(pid, T) if name == "startup" else max(logged_steps(log), default=0) >= 2):
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.01)
+            for sig, pause in rhythms[name]:
+                time.sleep(pause)
+                send(pid, sig)
+        deadline = time.monotonic() + 180
+        while any(proc.poll() is None for proc, *_ in runs.values()) and time.monotonic() < deadline:
+            for proc, pid, _, _ in runs.values():
+                if proc.poll() is None:
+                    send(pid, T)
+            time.sleep(0.1)
+    finally:
+        for proc, *_ in runs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    for name, (proc, pid, out, log) in runs.items():
+        text = log.read_text()
+        assert proc.returncode == 0, (name, text[-3000:])
+        assert "Traceback" not in text, (name, text[-3000:])
+        if name == "startup":
+            assert "received during start-up: exiting before training, at step 0" in text, text[-3000:]
+            assert not out.exists(), text  # no config.yaml, no checkpoint
+            continue
+        summary = json.loads((out / "train_summary.json").read_text())
+        n = summary["step"]
+        assert summary["status"] == "interrupted" and n >= 2, summary
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-{n}"]
+        assert checkpoint.verify(out / "checkpoints" / f"step-{n}") is None
+        first = int(rhythms[name][0][0])
+        assert re.findall(r"signal (\d+) received: saved a checkpoint at step", text) == [str(first)], text[-3000:]
+        assert not (out / "adapter").exists()

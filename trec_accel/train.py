@@ -3,8 +3,8 @@
 Features: 4-bit NF4 base (CUDA) or bf16/fp32, LoRA, shared-prefix batches, gradient accumulation with the
 loss normalised by the label tokens of the whole global batch (so N processes train exactly like one),
 clipping, AdamW / paged AdamW, cosine or linear schedule with warm-up, periodic validation loss and
-accuracy, W&B or TensorBoard, atomic checkpoints every N steps, exact mid-epoch resume, and a checkpoint
-on SIGTERM / SIGUSR1 before a clean exit.
+accuracy, W&B or TensorBoard, atomic checkpoints every N steps, exact mid-epoch resume, and one checkpoint
+and exit 0 on SIGTERM / SIGUSR1 / SIGINT, however many and whenever they come (`signals`).
 """
 from __future__ import annotations
 
@@ -13,13 +13,12 @@ import logging
 import math
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, signals
 from .batching import Encoder, batch_rounds, collate, epoch_order, micro_batches, shard
 from .config import Config, ConfigError, check_output_dir, flat_dict, save_config
 from .data import load_splits
@@ -96,20 +95,16 @@ def shared_prefix_reason(cfg: Config, encoder: Encoder, encoded, backend: str) -
     return None
 
 
-class SignalFlag:
-    """SIGTERM / SIGUSR1 (what SLURM sends before a time limit or preemption) ask for a checkpoint and exit."""
+def stop_requested(accelerator, flag: signals.StopFlag) -> bool:
+    """Whether any process has received a stop signal; every process must ask at the same point."""
+    return accelerator.reduce(torch.tensor(float(flag.signum), device=accelerator.device), "max").item() > 0
 
-    def __init__(self):
-        self.signum = 0
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
 
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def restore(self) -> None:
-        """Give the handlers back, so that a caller of `run` in the same process can still be stopped."""
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
+def stopped_during_startup(accelerator, flag: signals.StopFlag, step: int) -> dict:
+    """The end of a run stopped before its first step: there is nothing new to save."""
+    log.warning("signal %d received during start-up: exiting before training, at step %d", flag.signum, step)
+    accelerator.end_training()
+    return {"status": "interrupted", "step": step}
 
 
 def _trainable_only(model) -> set[str]:
@@ -117,7 +112,13 @@ def _trainable_only(model) -> set[str]:
 
 
 def run(cfg: Config) -> dict:
-    """Train as configured; returns a summary (also in output_dir/train_summary.json)."""
+    """Train as configured; returns a summary (also in output_dir/train_summary.json). SIGTERM, SIGUSR1 and SIGINT
+    end it with a checkpoint (see `signals`)."""
+    with signals.stop_flag() as flag:
+        return _train(cfg, flag)
+
+
+def _train(cfg: Config, flag: signals.StopFlag) -> dict:
     from accelerate.utils import set_seed
     from .evaluate import evaluate_examples, log_to_trackers
     from .reports import plot_confusion_matrix, plot_training_curves, write_json
@@ -127,6 +128,8 @@ def run(cfg: Config) -> dict:
     # Before anything is loaded or written: a wrong resume path or output folder shows in a second.
     resume_from = checkpoint.find_resume(cfg.resume, ckpt_root)
     check_output_dir(out)
+    state = checkpoint.load_trainer_state(resume_from) if resume_from is not None else \
+        {"step": 0, "epoch": 0, "position": 0, "history": [], "best_accuracy": None, "best_step": None}
     splits = load_splits(cfg.data.path, cfg.data.task, cfg.data.val_fraction, cfg.data.split_seed)
     train_examples = splits["train"][: cfg.data.max_examples or None]
     val_examples = splits["validation"]
@@ -135,8 +138,11 @@ def run(cfg: Config) -> dict:
     configure_backend(accelerator, cfg)
     main = accelerator.is_main_process
     if main:
-        save_config(cfg, out / "config.yaml")
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if stop_requested(accelerator, flag):
+        return stopped_during_startup(accelerator, flag, state["step"])
+    if main:
+        save_config(cfg, out / "config.yaml")
     set_seed(cfg.seed)
 
     model, tokenizer, plan = load_base(cfg, accelerator)
@@ -189,7 +195,6 @@ def run(cfg: Config) -> dict:
 
     accelerator.register_save_state_pre_hook(adapter_weights_only)
 
-    state = {"step": 0, "epoch": 0, "position": 0, "history": [], "best_accuracy": None, "best_step": None}
     if resume_from is not None:
         # Checkpoints hold the trainable weights only; DeepSpeed's engine names the same switch differently.
         deepspeed = plan.backend in ("deepspeed", "zero3")
@@ -198,16 +203,16 @@ def run(cfg: Config) -> dict:
         # steps. A checkpoint always falls between optimizer steps, so a new window starts here, whatever
         # grad_accum was before (3 micro-batches of grad_accum=1, resumed with 2, would step mid-window).
         accelerator.step = 0
-        state = checkpoint.load_trainer_state(resume_from)
         log.info("resumed from %s at step %d (epoch %d, example %d)", resume_from, state["step"], state["epoch"],
                  state["position"])
 
+    if stop_requested(accelerator, flag):
+        return stopped_during_startup(accelerator, flag, state["step"])
     if cfg.log.tracker != "none":
         run_name = cfg.log.run_name or out.name
         accelerator.init_trackers(cfg.log.project, config=flat_dict(cfg),
                                   init_kwargs={"wandb": {"name": run_name}} if cfg.log.tracker == "wandb" else {})
 
-    flag = SignalFlag()
     lengths = [len(e.prompt_ids) + len(e.label_ids) for e in encoded]
     pad = tokenizer.pad_token_id
     max_norm = cfg.train.max_grad_norm or float("inf")
@@ -281,7 +286,7 @@ def run(cfg: Config) -> dict:
             if pbar is not None:
                 pbar.update(1)
 
-            stop = accelerator.reduce(torch.tensor(float(flag.signum), device=device), "max").item() > 0
+            stop = stop_requested(accelerator, flag)
             last = step >= total_steps
             if step % cfg.train.log_every == 0 or last:
                 # The mean over every label token since the last log, not just this step's.
@@ -318,7 +323,6 @@ def run(cfg: Config) -> dict:
             state["position"] = 0
     if pbar is not None:
         pbar.close()
-    flag.restore()
 
     peaks = accelerator.gather(torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)).tolist() \
         if device.type == "cuda" else None
