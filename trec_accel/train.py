@@ -107,6 +107,14 @@ def stopped_during_startup(accelerator, flag: signals.StopFlag, step: int) -> di
     return {"status": "interrupted", "step": step}
 
 
+def run_totals(start: dict, train_seconds: float, sequences: int) -> dict:
+    """The run's totals over its sessions: those recorded in the trainer state this session started from, plus this
+    session's. A checkpoint written before they were recorded counts as one session of unknown time (0 s, 0 sequences)."""
+    return {"sessions": start.get("sessions", 1 if start["step"] else 0) + 1,
+            "train_seconds": start.get("train_seconds", 0.0) + train_seconds,
+            "sequences": start.get("sequences", 0) + sequences}
+
+
 def _trainable_only(model) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
@@ -130,6 +138,7 @@ def _train(cfg: Config, flag: signals.StopFlag) -> dict:
     check_output_dir(out)
     state = checkpoint.load_trainer_state(resume_from) if resume_from is not None else \
         {"step": 0, "epoch": 0, "position": 0, "history": [], "best_accuracy": None, "best_step": None}
+    start = dict(state)
     splits = load_splits(cfg.data.path, cfg.data.task, cfg.data.val_fraction, cfg.data.split_seed)
     train_examples = splits["train"][: cfg.data.max_examples or None]
     val_examples = splits["validation"]
@@ -226,7 +235,8 @@ def _train(cfg: Config, flag: signals.StopFlag) -> dict:
 
     def save(step_state: dict) -> Path:
         best = (state["best_step"],) if state["best_step"] is not None else ()
-        return checkpoint.save(accelerator, ckpt_root, step_state["step"], step_state, cfg.train.keep_last,
+        return checkpoint.save(accelerator, ckpt_root, step_state["step"],
+                               {**step_state, **run_totals(start, train_seconds, sequences)}, cfg.train.keep_last,
                                protect=best)
 
     def validate(step: int) -> dict:
@@ -329,7 +339,7 @@ def _train(cfg: Config, flag: signals.StopFlag) -> dict:
     summary = {"status": "interrupted" if interrupted else "finished", "step": state["step"],
                "trainable_parameters": trainable, "total_parameters": total, "shared_prefix": reason is None,
                "best_accuracy": state["best_accuracy"], "best_step": state["best_step"],
-               "train_seconds": train_seconds, "sequences": sequences, "first_step_seconds": first_step_seconds,
+               **run_totals(start, train_seconds, sequences), "first_step_seconds": first_step_seconds,
                "global_batch": global_micro * cfg.train.grad_accum,
                "peak_mem_gib": peaks[0] if peaks else None, "peak_mem_gib_per_process": peaks}
     if not interrupted:
