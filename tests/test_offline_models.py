@@ -54,6 +54,22 @@ def test_resolve_local_path_and_hub_id_unchanged(tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists()  # nothing was built
 
 
+def test_portable_and_offline_names(tmp_path, monkeypatch):
+    """What an adapter names as its base: the hub original of SmolLM2, else model.name itself."""
+    assert om.portable_name("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert om.portable_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    for name in ("tiny-random-mistral", "mistral-7b-random", "mistralai/Mistral-7B-Instruct-v0.2", str(tmp_path)):
+        assert om.portable_name(name) == name
+    assert om.offline_name("tiny-random-mistral") == "tiny-random-mistral"
+    assert om.offline_name("mistralai/Mistral-7B-Instruct-v0.2") is None
+    monkeypatch.setenv(om.SMOLLM2_GGUF_ENV, str(tmp_path / "missing.gguf"))
+    assert om.offline_name("HuggingFaceTB/SmolLM2-135M-Instruct") is None  # no GGUF: the hub model itself
+    gguf = tmp_path / om.SMOLLM2_GGUF_NAME
+    gguf.write_bytes(b"")
+    monkeypatch.setenv(om.SMOLLM2_GGUF_ENV, str(gguf))
+    assert om.offline_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "smollm2-135m-instruct"
+
+
 def _no_package(monkeypatch, missing):
     real = importlib.util.find_spec
 

@@ -224,22 +224,42 @@ def _smollm2_available() -> bool:
 # --------------------------------------------------------------------------- resolve
 
 
-def resolve_model_path(name: str) -> str:
-    """Map ``model.name`` to something ``from_pretrained`` can load.
+def offline_name(name: str) -> Optional[str]:
+    """The built-in offline model that ``model.name`` stands for, or None (a local folder or a hub id).
 
-    Built-in offline names are materialised once into ``cache_dir()/<name>-<BUILD_VERSION>``
-    and that folder is returned. ``HuggingFaceTB/SmolLM2-135M-Instruct`` is treated as
-    ``smollm2-135m-instruct`` whenever the GGUF is available and no local folder has that
-    path. Any other value (local path or hub id) is returned unchanged.
+    ``HuggingFaceTB/SmolLM2-135M-Instruct`` stands for ``smollm2-135m-instruct`` whenever the GGUF
+    is available and no local folder has that path.
     """
     name = str(name)
     if name in OFFLINE_MODELS:
-        return str(materialize(name))
+        return name
     alias = HUB_ALIASES.get(name)
     if alias is not None and not os.path.exists(name) and _smollm2_available():
-        logger.info("Using the offline %s for %s", alias, name)
-        return str(materialize(alias))
-    return name
+        return alias
+    return None
+
+
+def portable_name(name: str) -> str:
+    """``model.name`` as another machine can load it: the hub id of the original a built-in offline model was
+    made from (``smollm2-135m-instruct`` -> ``HuggingFaceTB/SmolLM2-135M-Instruct``), else the name itself:
+    a hub id, a local folder, or a model that only trec-accel builds (``tiny-random-mistral``,
+    ``mistral-7b-random``: random weights)."""
+    return {offline: hub for hub, offline in HUB_ALIASES.items()}.get(str(name), str(name))
+
+
+def resolve_model_path(name: str) -> str:
+    """Map ``model.name`` to something ``from_pretrained`` can load.
+
+    Built-in offline models (see :func:`offline_name`) are materialised once into
+    ``cache_dir()/<name>-<BUILD_VERSION>`` and that folder is returned. Any other value (local
+    path or hub id) is returned unchanged.
+    """
+    offline = offline_name(name)
+    if offline is None:
+        return str(name)
+    if offline != name:
+        logger.info("Using the offline %s for %s", offline, name)
+    return str(materialize(offline))
 
 
 def _check_sources(name: str) -> None:
@@ -546,6 +566,8 @@ __all__ = [
     "HUB_ALIASES",
     "OfflineModelError",
     "cache_dir",
+    "offline_name",
+    "portable_name",
     "resolve_model_path",
     "materialize",
     "load_tokenizer",

@@ -23,6 +23,7 @@ from .batching import Encoder, batch_rounds, collate, epoch_order, micro_batches
 from .config import Config, ConfigError, check_output_dir, flat_dict, save_config
 from .data import load_splits
 from .launcher import check_joined
+from .offline_models import portable_name
 from .loss import LabelLoss, batch_loss
 from .model import (ADAPTER_META, adapter_meta, add_lora, backend_of, fsdp_lora_state_dict, load_base, write_adapter,
                     parameter_counts, prepare_for_training)
@@ -390,7 +391,7 @@ def save_adapter(accelerator, loss_model, tokenizer, cfg: Config, labels, dest: 
                       "initialisation, so the export under this backend is broken; please report it", steps)
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        write_adapter(model, inner, tmp)
+        write_adapter(model, inner, tmp, portable_name(cfg.model.name))
         tokenizer.save_pretrained(str(tmp))
         save_config(cfg, tmp / "config.yaml")
         (tmp / ADAPTER_META).write_text(json.dumps(adapter_meta(cfg, labels), indent=1))
