@@ -133,6 +133,11 @@ def apply_liger(model) -> None:
     _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
 
 
+def context_length(model) -> int | None:
+    """The positions the model was built for (None where its config does not say)."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
 def prepare_for_training(model, cfg: Config):
     """Activation checkpointing, when asked, before LoRA is applied.
 

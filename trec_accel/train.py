@@ -25,8 +25,8 @@ from .data import load_splits
 from .launcher import check_joined
 from .offline_models import portable_name
 from .loss import LabelLoss, batch_loss
-from .model import (ADAPTER_META, adapter_meta, add_lora, backend_of, fsdp_lora_state_dict, load_base, write_adapter,
-                    parameter_counts, prepare_for_training)
+from .model import (ADAPTER_META, adapter_meta, add_lora, backend_of, context_length, fsdp_lora_state_dict, load_base,
+                    write_adapter, parameter_counts, prepare_for_training)
 
 log = logging.getLogger("trec_accel")
 
@@ -167,8 +167,9 @@ def _train(cfg: Config, flag: signals.StopFlag) -> dict:
     log.info("trainable parameters: %s of %s (%.3f%%), backend %s, %s%s", f"{trainable:,}", f"{total:,}",
              100 * trainable / total, plan.backend, plan.dtype, " 4-bit NF4" if plan.quantize else "")
 
-    encoder = Encoder(tokenizer, cfg.data.task, cfg.data.template)
+    encoder = Encoder(tokenizer, cfg.data.task, cfg.data.template, context_length(model))
     encoded = [encoder.encode(e.text, e.label) for e in train_examples]
+    encoder.count_shortened(encoded, "training questions", warn=main)
     reason = shared_prefix_reason(cfg, encoder, encoded, plan.backend)
     prefix = encoder.prefix_ids if reason is None else None
     log.info("shared prefix: %s", f"on ({len(encoder.prefix_ids)} tokens run once per batch)" if reason is None
