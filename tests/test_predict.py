@@ -133,7 +133,7 @@ def test_adapters_are_portable_and_old_ones_still_load(adapter, tmp_path, caplog
     from transformers import AutoModelForCausalLM
 
     from trec_accel.config import load_config
-    from trec_accel.model import check_adapter
+    from trec_accel.model import ModelLoadError, check_adapter
     from trec_accel.offline_models import BUILD_VERSION, resolve_model_path
     from trec_accel.predict import main
 
@@ -164,6 +164,12 @@ def test_adapters_are_portable_and_old_ones_still_load(adapter, tmp_path, caplog
         check_adapter(str(old), load_config(CONFIG))
     assert any("build v0 of tiny-random-mistral, this is build " + BUILD_VERSION in r.getMessage()
                for r in caplog.records)
+
+    # The offline SmolLM2 and its hub original are one base to the adapter check; another model is not.
+    (old / "trec_accel.json").write_text(json.dumps({**meta, "model": "smollm2-135m-instruct"}))
+    check_adapter(str(old), load_config(None, ["model.name=HuggingFaceTB/SmolLM2-135M-Instruct"]))
+    with pytest.raises(ModelLoadError, match="set model.name=smollm2-135m-instruct"):
+        check_adapter(str(old), load_config(CONFIG))
 
 
 # --------------------------------------------------------------------------- in-process helpers
