@@ -23,10 +23,10 @@ from .batching import Encoder, batch_rounds, collate, epoch_order, micro_batches
 from .config import Config, ConfigError, check_output_dir, flat_dict, save_config
 from .data import load_splits
 from .launcher import check_joined
-from .offline_models import portable_name
 from .loss import LabelLoss, batch_loss
 from .model import (ADAPTER_META, adapter_meta, add_lora, backend_of, context_length, fsdp_lora_state_dict, load_base,
                     write_adapter, parameter_counts, prepare_for_training)
+from .offline_models import portable_name
 
 log = logging.getLogger("trec_accel")
 
