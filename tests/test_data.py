@@ -476,3 +476,29 @@ def test_load_splits_bad_fraction(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "train.jsonl", ROWS)
     with pytest.raises(DataError, match="val_fraction"):
         load_splits(str(path), "coarse", val_fraction=1.0)
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A jsonl or csv file with bytes that are not UTF-8: every such line is named, like the .label reader does,
+    and the other rows are still checked; the script ends with one `error:` line and exit code 2."""
+    from trec_accel import cli
+
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_bytes(b'{"text": "Who wrote Hamlet ?", "label": "HUM"}\n'
+                      b'{"text": "Where is \xffLima ?", "label": "LOC"}\n'
+                      b'{"text": "", "label": "LOC"}\n')
+    csv_file = tmp_path / "more.csv"
+    csv_file.write_bytes(b"text,label\nWho wrote Hamlet ?,HUM\n\"Where is\nLima \xfe?\",LOC\n")
+    for path, line, others in ((jsonl, 2, [f"{jsonl}:3: empty text"]), (csv_file, 4, [])):
+        with pytest.raises(DataError) as err:
+            load_trec(str(path), "coarse")
+        message = str(err.value)
+        assert f"{path}:{line}: not valid UTF-8 (invalid start byte at byte " in message
+        assert "save the file as UTF-8" in message and "\n" not in message
+        for other in others:
+            assert other in message
+    capsys.readouterr()
+    assert cli.main(lambda: load_trec(str(jsonl), "coarse")) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: 2 bad rows in the TREC data: {jsonl}:2: not valid UTF-8 (invalid start byte at byte 19): save the file "
+        f"as UTF-8; {jsonl}:3: empty text"]

@@ -16,7 +16,9 @@ def fake_accelerator(kind=DistributedType.NO, processes=1, device="cpu", zero_st
 
 def test_cpu_runs_unquantized_fp32():
     plan = load_plan(load_config(), fake_accelerator())
-    assert (plan.backend, plan.quantize, plan.dtype, plan.device_map) == ("single", False, torch.float32, None)
+    # Loaded straight onto the process's device, where training and evaluation use it.
+    cpu = torch.device("cpu")
+    assert (plan.backend, plan.quantize, plan.dtype, plan.device_map) == ("single", False, torch.float32, {"": cpu})
     assert load_plan(load_config(None, ["model.dtype=bf16"]), fake_accelerator()).dtype == torch.bfloat16
 
 

@@ -54,6 +54,22 @@ def test_resolve_local_path_and_hub_id_unchanged(tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists()  # nothing was built
 
 
+def test_portable_and_offline_names(tmp_path, monkeypatch):
+    """What an adapter names as its base: the hub original of SmolLM2, else model.name itself."""
+    assert om.portable_name("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert om.portable_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    for name in ("tiny-random-mistral", "mistral-7b-random", "mistralai/Mistral-7B-Instruct-v0.2", str(tmp_path)):
+        assert om.portable_name(name) == name
+    assert om.offline_name("tiny-random-mistral") == "tiny-random-mistral"
+    assert om.offline_name("mistralai/Mistral-7B-Instruct-v0.2") is None
+    monkeypatch.setenv(om.SMOLLM2_GGUF_ENV, str(tmp_path / "missing.gguf"))
+    assert om.offline_name("HuggingFaceTB/SmolLM2-135M-Instruct") is None  # no GGUF: the hub model itself
+    gguf = tmp_path / om.SMOLLM2_GGUF_NAME
+    gguf.write_bytes(b"")
+    monkeypatch.setenv(om.SMOLLM2_GGUF_ENV, str(gguf))
+    assert om.offline_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "smollm2-135m-instruct"
+
+
 def _no_package(monkeypatch, missing):
     real = importlib.util.find_spec
 
@@ -256,3 +272,19 @@ def test_tiny_tokenizer_with_autotokenizer(tiny_dir):
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", "<unk>")
     assert tok("hi there").input_ids == [1, 12014, 736]
     assert "[INST]" in tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+
+
+def test_an_incomplete_smollm2_tokenizer_is_refused(tmp_path):
+    """A GGUF tokenizer read without its chat template or with the chat markers split (seen on a GPU host)
+    trains a worse model silently: the build refuses it, saying what is missing."""
+    from types import SimpleNamespace
+    whole = SimpleNamespace(chat_template="{{ x }}", eos_token="<|im_end|>",
+                            encode=lambda text, add_special_tokens=False: [7])
+    om.check_smollm2_tokenizer(whole, tmp_path / "m.gguf")
+    broken = SimpleNamespace(chat_template=None, eos_token="<|im_end|>",
+                             encode=lambda text, add_special_tokens=False: [1, 2, 3, 4])
+    with pytest.raises(om.OfflineModelError) as err:
+        om.check_smollm2_tokenizer(broken, tmp_path / "m.gguf")
+    msg = str(err.value)
+    assert "no chat template" in msg and "<|im_start|> is 4 tokens, not 1" in msg and "<|im_end|> is 4 tokens" in msg
+    assert "TREC_ACCEL_CACHE" in msg and "\n" not in msg

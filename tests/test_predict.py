@@ -122,6 +122,56 @@ def test_adapter_weights_that_fit_no_layer(adapter, tmp_path):
     one_error_line(run_script("predict.py", f"adapter={broken}", "Who wrote Hamlet ?"), "match no layer of the model")
 
 
+def test_adapters_are_portable_and_old_ones_still_load(adapter, tmp_path, caplog):
+    """The adapter names a base another machine can load (for the tiny model, built by trec-accel: its name, not
+    this machine's cache path), trec_accel.json records how to rebuild it, and adapters written before these
+    fields existed still load and score alike."""
+    import logging
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trec_accel.config import load_config
+    from trec_accel.model import ModelLoadError, check_adapter
+    from trec_accel.offline_models import BUILD_VERSION, resolve_model_path
+    from trec_accel.predict import main
+
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == "tiny-random-mistral"
+    meta = json.loads((adapter / "trec_accel.json").read_text())
+    assert (meta["base_model"], meta["offline_model"]) == (base, {"name": base, "build_version": BUILD_VERSION})
+    assert not [p.name for p in adapter.iterdir() if p.is_file() and str(Path.home()) in p.read_text(errors="replace")]
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve_model_path(base)), str(adapter))
+
+    old = tmp_path / "old"
+    shutil.copytree(adapter, old)
+    config = json.loads((old / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "/home/someone/.cache/trec_accel/tiny-random-mistral-v1"
+    (old / "adapter_config.json").write_text(json.dumps(config))
+    (old / "trec_accel.json").write_text(json.dumps({k: meta[k] for k in ("model", "task", "template", "labels")}))
+    rows = {}
+    for name, folder in (("new", adapter), ("old", old)):
+        out = io.StringIO()
+        main([f"adapter={folder}", "--json", *QUESTIONS], stdout=out)
+        rows[name] = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert rows["old"] == rows["new"] and len(rows["new"]) == len(QUESTIONS)
+
+    # An adapter of another build of its offline base is loaded, with a warning.
+    meta["offline_model"]["build_version"] = "v0"
+    (old / "trec_accel.json").write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="trec_accel.model"):
+        check_adapter(str(old), load_config(CONFIG))
+    assert any("build v0 of tiny-random-mistral, this is build " + BUILD_VERSION in r.getMessage()
+               for r in caplog.records)
+
+    # The offline SmolLM2 and its hub original are one base to the adapter check; another model is not.
+    (old / "trec_accel.json").write_text(json.dumps({**meta, "model": "smollm2-135m-instruct"}))
+    check_adapter(str(old), load_config(None, ["model.name=HuggingFaceTB/SmolLM2-135M-Instruct"]))
+    with pytest.raises(ModelLoadError, match="set model.name=smollm2-135m-instruct"):
+        check_adapter(str(old), load_config(CONFIG))
+
+
 # --------------------------------------------------------------------------- in-process helpers
 
 

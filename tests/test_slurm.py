@@ -116,6 +116,7 @@ def _run_launch(env: dict, *args: str) -> subprocess.CompletedProcess:
 def _expected(node_id: int, nprocs: int = 8, port: str = "29500", config="accelerate_configs/fsdp_qlora.yaml",
               script="scripts/train.py", tail=("resume=latest", "train.max_steps=50")) -> list[str]:
     return ["accelerate", "launch",
+            "--quiet",
             "--config_file", config,
             "--num_machines", "2",
             "--num_processes", str(nprocs),

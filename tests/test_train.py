@@ -141,6 +141,7 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, toy_data):
                  "train.max_steps=12", "train.save_every=4", "train.lr=1e-2", "train.keep_last=3"]
     summary = run_inprocess(overrides)
     assert summary["status"] == "finished" and summary["step"] == 12
+    assert (summary["sessions"], summary["sequences"]) == (1, 12 * 4)
     uninterrupted = read_json(out / "history.json")
     weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert step_dirs(out / "checkpoints") == ["step-12", "step-4", "step-8"]
@@ -167,6 +168,18 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, toy_data):
     assert resumed_weights.keys() == weights.keys()
     for k in weights:
         torch.testing.assert_close(resumed_weights[k], weights[k], atol=1e-6, rtol=0, msg=k)
+
+    # train_summary.json counts every session: steps 1-8 came from the checkpoint's record, 9-12 from this one.
+    step8 = read_json(out / "checkpoints" / "step-8" / "trainer_state.json")
+    assert (step8["sessions"], step8["sequences"]) == (1, 8 * 4) and step8["train_seconds"] > 0
+    resumed_summary = read_json(out / "train_summary.json")
+    assert (resumed_summary["sessions"], resumed_summary["sequences"]) == (2, 12 * 4)
+    assert resumed_summary["train_seconds"] > step8["train_seconds"]
+    # Resuming the finished run (nothing left to train) keeps its totals instead of reporting 0 s and 0 sequences.
+    again = run_inprocess(overrides + ["resume=latest"])
+    assert (again["sessions"], again["sequences"]) == (3, 12 * 4)
+    assert again["train_seconds"] == pytest.approx(resumed_summary["train_seconds"])
+    assert read_json(out / "train_summary.json")["sessions"] == 3
 
 
 # --------------------------------------------------------------------------- 3. signal-triggered checkpoint
@@ -399,3 +412,9 @@ def test_step_decisions_fall_back_where_they_cannot_run():
     # YAML's booleans still work for the switch.
     assert load_config(TINY, ["train.shared_prefix=false"]).train.shared_prefix == "off"
     assert load_config(TINY, ["train.shared_prefix=true"]).train.shared_prefix == "on"
+
+
+def test_run_totals_count_a_checkpoint_without_them_as_one_session():
+    from trec_accel.train import run_totals
+    assert run_totals({"step": 8}, 2.5, 16) == {"sessions": 2, "train_seconds": 2.5, "sequences": 16}
+    assert run_totals({"step": 0}, 1.0, 4) == {"sessions": 1, "train_seconds": 1.0, "sequences": 4}

@@ -8,6 +8,8 @@ rows (`tree_batch`) put every candidate label after its question, as a trie unde
 """
 from __future__ import annotations
 
+import logging
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -19,6 +21,8 @@ from .prompts import Prompt, prompt_format
 
 IGNORE = -100
 
+log = logging.getLogger("trec_accel")
+
 
 class PromptTokenError(ValueError):
     """A prompt whose parts do not fall on token boundaries."""
@@ -28,12 +32,18 @@ class PromptTokenError(ValueError):
 class Encoded:
     prompt_ids: list[int]  # prefix + question + cue
     label_ids: list[int]   # answer + end; empty when the label is to be predicted
+    shortened: bool = False  # the question was cut to fit the model's context (see `Encoder`)
 
 
 class Encoder:
-    """Renders and tokenizes prompts of one task with one template."""
+    """Renders and tokenizes prompts of one task with one template.
 
-    def __init__(self, tokenizer, task: str, template: str):
+    With `max_length` (the model's context, in positions), a question whose prompt, followed by the longest label,
+    would not fit is cut from its end to the longest start of it that fits; the instruction and the cue are kept.
+    Callers report how many were cut (`count_shortened`).
+    """
+
+    def __init__(self, tokenizer, task: str, template: str, max_length: int | None = None):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("trec-accel needs a fast (Rust) tokenizer: token offsets locate the label")
         self.tokenizer, self.task, self.labels = tokenizer, task, label_names(task)
@@ -43,8 +53,14 @@ class Encoder:
         # The instruction's tokens as they come out inside a whole prompt (BOS included).
         self.prefix_ids: list[int] = [t for t, (s, e) in zip(ids, offsets) if e <= len(p.prefix)]
         # Candidate label sequences (answer + end), the same after every question: checked in `encode`.
-        self.candidates: list[list[int]] = [self.encode("What is this ?", i).label_ids for i in range(len(self.labels))]
+        self.candidates: list[list[int]] = [self._encode("What is this ?", i).label_ids for i in range(len(self.labels))]
         self.trie = LabelTrie(self.candidates)
+        self.max_length = max_length
+        self.room = max(len(c) for c in self.candidates)  # tokens that follow a prompt: the longest label
+        if max_length is not None and not self._fits(bare := self._encode("", None)):
+            raise PromptTokenError(f"the prompt without a question and the longest label take "
+                                   f"{len(bare.prompt_ids) + self.room} tokens, more than the model's context of "
+                                   f"{max_length}: use a model with a longer context")
 
     def _tokens(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
@@ -54,6 +70,27 @@ class Encoder:
         return self.format.render(question, None if label is None else self.labels[label])
 
     def encode(self, question: str, label: int | None = None) -> Encoded:
+        enc = self._encode(question, label)
+        if self.max_length is None or self._fits(enc):
+            return enc
+        keep, over = 0, len(question)  # question[:keep] fits, question[:over] does not
+        while over - keep > 1:
+            mid = (keep + over) // 2
+            keep, over = (mid, over) if self._fits(self._encode(question[:mid], label)) else (keep, mid)
+        return dataclasses.replace(self._encode(question[:keep], label), shortened=True)
+
+    def _fits(self, enc: Encoded) -> bool:
+        return len(enc.prompt_ids) + self.room <= self.max_length
+
+    def count_shortened(self, encoded: Sequence[Encoded], what: str, warn: bool = True) -> int:
+        """How many of `encoded` had their question cut to fit; said in a warning (where `warn`) when any was."""
+        n = sum(e.shortened for e in encoded)
+        if n and warn:
+            log.warning("%d of %d %s are too long for the model's context (%d positions, with the instruction and the "
+                        "longest label): each was cut from its end to fit", n, len(encoded), what, self.max_length)
+        return n
+
+    def _encode(self, question: str, label: int | None) -> Encoded:
         p = self.prompt(question, label)
         ids, offsets = self._tokens(p.text)
         cut = len(p.prefix) + len(p.question)  # first character of the answer

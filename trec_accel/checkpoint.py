@@ -21,6 +21,10 @@ TRAINER_STATE = "trainer_state.json"
 _STEP = re.compile(r"^step-(\d+)$")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint named by `resume=PATH` that is missing or incomplete."""
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -74,14 +78,15 @@ def checkpoints(root: Path) -> list[Path]:
 
 def find_resume(resume: str, root: Path) -> Path | None:
     """The checkpoint to resume from: `latest` is the newest intact one under root (or None: a fresh start);
-    a path must itself be intact."""
+    a path must itself be intact (else CheckpointError)."""
     if not resume:
         return None
     if resume != "latest":
         folder = Path(resume)
         reason = verify(folder) if folder.is_dir() else "folder not found"
         if reason:
-            raise ValueError(f"cannot resume from {folder}: {reason}")
+            raise CheckpointError(f"cannot resume from {folder}: {reason}; set resume to a complete checkpoint folder "
+                                  f"(output_dir/checkpoints/step-N) or to 'latest'")
         return folder
     for folder in checkpoints(root):
         reason = verify(folder)

@@ -25,12 +25,15 @@ def parse(argv: list[str] | None, description: str, extra: Callable[[argparse.Ar
 
 def expected_errors() -> tuple[type[Exception], ...]:
     from .batching import PromptTokenError
+    from .checkpoint import CheckpointError
     from .data import DataError
     from .evaluate import EvalError
+    from .launcher import LaunchError
     from .memory import OutOfMemory
     from .model import ModelLoadError
     from .offline_models import OfflineModelError
-    return ConfigError, DataError, EvalError, ModelLoadError, OfflineModelError, OutOfMemory, PromptTokenError
+    return (CheckpointError, ConfigError, DataError, EvalError, LaunchError, ModelLoadError, OfflineModelError,
+            OutOfMemory, PromptTokenError)
 
 
 def main(body: Callable[[], object]) -> int:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import os
 import re
+import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,6 +315,20 @@ def flat_dict(cfg: Config) -> dict[str, Any]:
             else:
                 yield prefix + k, ",".join(v) if isinstance(v, list) else v
     return dict(walk(to_dict(cfg), ""))
+
+
+def check_output_dir(folder: str | os.PathLike) -> None:
+    """ConfigError unless `folder` exists or can be created, and files can be written in it. Run before anything
+    is loaded; it leaves nothing behind (a folder it would have to create is probed in its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(existing))
+        os.rmdir(tempfile.mkdtemp(prefix=".trec_accel_probe-", dir=existing))
+    except OSError as e:
+        raise ConfigError(f"output_dir {folder} cannot be {'written' if existing == folder else 'created'} "
+                          f"({e.strerror}: {existing}); set output_dir to a folder you can write to") from None
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

@@ -14,6 +14,7 @@ Every bad row is collected and reported in one :class:`DataError`; nothing is dr
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -68,6 +69,10 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _not_utf8(err: UnicodeDecodeError) -> str:
+    return f"not valid UTF-8 ({err.reason} at byte {err.start}): save the file as UTF-8"
+
+
 def _check_task(task: str) -> tuple[str, ...]:
     try:
         return label_names(task)
@@ -88,7 +93,7 @@ def _parse_label_file(path: Path, task: str, problems: _Problems) -> list[Exampl
             try:
                 decoded = row.replace(b"\xf0", b" ").strip().decode()
             except UnicodeDecodeError as err:
-                problems.add(source, f"not valid UTF-8 ({err.reason} at byte {err.start})")
+                problems.add(source, _not_utf8(err))
                 continue
             if not decoded:
                 problems.add(source, "empty line")
@@ -200,8 +205,24 @@ def _check_header(where: str, columns: list[str], task: str) -> None:
         raise DataError(f"{where}: {' and '.join(missing)}; found columns {columns}")
 
 
-def _jsonl_rows(path: Path) -> Iterator[Row]:
-    with open(path, encoding="utf-8") as f:
+def _read_text(path: Path, problems: _Problems, encoding: str = "utf-8", newline: str | None = None) -> io.StringIO:
+    """The file as text. Each line that is not valid UTF-8 is recorded as a problem under its file:line (as the
+    .label reader does) and read with U+FFFD in place of its bad bytes, so that the other rows are still checked."""
+    data = path.read_bytes()
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError:
+        for lineno, line in enumerate(data.split(b"\n"), start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                problems.add(f"{path}:{lineno}", _not_utf8(err))
+        text = data.decode(encoding, errors="replace")
+    return io.StringIO(text, newline=newline)
+
+
+def _jsonl_rows(path: Path, problems: _Problems) -> Iterator[Row]:
+    with _read_text(path, problems) as f:
         for lineno, line in enumerate(f, start=1):
             source = f"{path}:{lineno}"
             if not line.strip():
@@ -218,8 +239,8 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
             yield source, obj
 
 
-def _csv_rows(path: Path, task: str) -> Iterator[Row]:
-    with open(path, encoding="utf-8-sig", newline="") as f:
+def _csv_rows(path: Path, task: str, problems: _Problems) -> Iterator[Row]:
+    with _read_text(path, problems, "utf-8-sig", newline="") as f:
         reader = csv.reader(f)
         columns = next(reader, [])
         if not columns:
@@ -263,9 +284,9 @@ def _parquet_rows(path: Path, task: str) -> Iterator[Row]:
 def _load_tabular(path: Path, task: str, problems: _Problems) -> list[Example]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows: Iterable[Row] = _jsonl_rows(path)
+        rows: Iterable[Row] = _jsonl_rows(path, problems)
     elif suffix == ".csv":
-        rows = _csv_rows(path, task)
+        rows = _csv_rows(path, task, problems)
     elif suffix == ".parquet":
         rows = _parquet_rows(path, task)
     else:

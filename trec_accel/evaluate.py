@@ -132,6 +132,7 @@ def evaluate_examples(model, encoder: Encoder, examples, accelerator, batch_size
         raise EvalError("the split to evaluate is empty")
     rank, world = accelerator.process_index, accelerator.num_processes
     encoded = [encoder.encode(e.text) for e in examples]
+    shortened = encoder.count_shortened(encoded, "questions", warn=accelerator.is_main_process)
     # One decision for every batch: each process must run as many forward passes as the others.
     use_shared = shared and method == "score" and all(encoder.shares_prefix(e) for e in encoded)
     p = len(encoder.prefix_ids) if use_shared else 0
@@ -158,6 +159,7 @@ def evaluate_examples(model, encoder: Encoder, examples, accelerator, batch_size
     pred = [r["pred"] if r["pred"] >= 0 else len(labels) for r in rows]
     metrics = compute_metrics(gold, pred, names)
     metrics["invalid"] = invalid
+    metrics["shortened"] = shortened  # questions cut to fit the model's context
     out = []
     for r, g, p_ in zip(rows, gold, pred):
         e = examples[r["index"]]
@@ -201,18 +203,20 @@ def select_split(cfg, splits: dict) -> tuple[str, list]:
 
 def run(cfg) -> dict:
     """Evaluate the base model (zero-shot) or cfg.adapter on eval.split; write the reports to output_dir."""
+    from .config import check_output_dir
     from .data import load_splits
-    from .model import check_adapter, load_for_inference
+    from .model import check_adapter, context_length, load_for_inference
     from .reports import format_report, plot_confusion_matrix, write_json, write_jsonl
     from .train import make_accelerator
 
     if cfg.adapter:  # before the data: a wrong adapter is the clearer error
         check_adapter(cfg.adapter, cfg)
+    check_output_dir(cfg.output_dir)  # else an unwritable folder shows only after the evaluation
     split, examples = select_split(cfg, load_splits(cfg.data.path, cfg.data.task, cfg.data.val_fraction,
                                                     cfg.data.split_seed))
     accelerator = make_accelerator(cfg)
     model, tokenizer = load_for_inference(cfg, accelerator, cfg.adapter)
-    encoder = Encoder(tokenizer, cfg.data.task, cfg.data.template)
+    encoder = Encoder(tokenizer, cfg.data.task, cfg.data.template, context_length(model))
     with accelerator.autocast(), out_of_memory("evaluation", EVAL_MEMORY_SETTINGS):
         metrics, rows = evaluate_examples(model, encoder, examples, accelerator, cfg.eval.batch_size,
                                           cfg.eval.normalize, True, cfg.eval.method, cfg.eval.max_new_tokens,

@@ -26,9 +26,11 @@ def out_of_memory(what: str, settings: str, shape: Callable[[], tuple] | None = 
         if shape is not None and shape():
             b, w, k, p = shape()
             batch = f" at a micro-batch of {b} x {w} tokens ({k} label slots" + (f", {p} shared prefix tokens)" if p else ")")
-        device = torch.cuda.current_device()
-        total = torch.cuda.get_device_properties(device).total_memory / 2**30
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
-        raise OutOfMemory(f"CUDA out of memory in {what}{batch}: the GPU has {total:.1f} GiB and tensors took "
-                          f"{peak:.1f} GiB at the peak; to use less, set {settings} (checkpoints already saved are kept: "
-                          "resume=latest continues from the newest)") from None
+        gpu = ""
+        if torch.cuda.is_available():
+            device = torch.cuda.current_device()
+            total = torch.cuda.get_device_properties(device).total_memory / 2**30
+            peak = torch.cuda.max_memory_allocated(device) / 2**30
+            gpu = f": the GPU has {total:.1f} GiB and tensors took {peak:.1f} GiB at the peak"
+        raise OutOfMemory(f"CUDA out of memory in {what}{batch}{gpu}; to use less, set {settings} (checkpoints "
+                          "already saved are kept: resume=latest continues from the newest)") from None

@@ -11,7 +11,8 @@ from torch import nn
 
 from .config import Config, ConfigError
 from .forward import checkpoint_layers
-from .offline_models import load_tokenizer as _auto_tokenizer, resolve_model_path
+from .offline_models import (BUILD_VERSION, load_tokenizer as _auto_tokenizer, offline_name, portable_name,
+                             resolve_model_path)
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,11 @@ def apply_liger(model) -> None:
     _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
 
 
+def context_length(model) -> int | None:
+    """The positions the model was built for (None where its config does not say)."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
 def prepare_for_training(model, cfg: Config):
     """Activation checkpointing, when asked, before LoRA is applied.
 
@@ -179,9 +185,10 @@ def fsdp_lora_state_dict(root: nn.Module) -> dict:
     return out
 
 
-def write_adapter(model, lora_weights: dict, folder: Path) -> None:
+def write_adapter(model, lora_weights: dict, folder: Path, base_model: str) -> None:
     """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) from LoRA weights named as in
-    `model.named_parameters()` (".default." included).
+    `model.named_parameters()` (".default." included), naming `base_model` as its base (peft would name the
+    folder the model was loaded from: for a built-in offline model, a cache path of this machine).
 
     The weights file is written here rather than by peft's `save_pretrained(state_dict=...)`: on the GPU
     host, with FSDP units nested inside the model, peft kept only the lm_head's LoRA weights of the 30 it
@@ -196,13 +203,21 @@ def write_adapter(model, lora_weights: dict, folder: Path) -> None:
         raise ValueError("no LoRA weights to save")
     config = copy.copy(model.peft_config[name])
     config.inference_mode = True
+    config.base_model_name_or_path = base_model
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(folder))
     save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def adapter_meta(cfg: Config, labels) -> dict:
-    return {"model": cfg.model.name, "task": cfg.data.task, "template": cfg.data.template, "labels": list(labels)}
+    """trec_accel.json: the base as configured and as another machine loads it, how to rebuild a built-in offline
+    base (its name and build version), the task, the prompt template and the labels."""
+    meta = {"model": cfg.model.name, "base_model": portable_name(cfg.model.name), "task": cfg.data.task,
+            "template": cfg.data.template, "labels": list(labels)}
+    offline = offline_name(cfg.model.name)
+    if offline is not None:
+        meta["offline_model"] = {"name": offline, "build_version": BUILD_VERSION}
+    return meta
 
 
 def check_adapter(adapter: str, cfg: Config) -> dict:
@@ -214,7 +229,11 @@ def check_adapter(adapter: str, cfg: Config) -> dict:
         raise ModelLoadError(f"{folder} is not a PEFT adapter folder (no adapter_config.json)")
     meta_path = folder / ADAPTER_META
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if meta.get("model") and meta["model"] != cfg.model.name:
+    built = meta.get("offline_model", {}).get("build_version", BUILD_VERSION)
+    if built != BUILD_VERSION:
+        log.warning("adapter %s was trained on build %s of %s, this is build %s: the base may differ", folder, built,
+                    meta["offline_model"]["name"], BUILD_VERSION)
+    if meta.get("model") and portable_name(meta["model"]) != portable_name(cfg.model.name):
         raise ModelLoadError(f"adapter {folder} was trained on base model '{meta['model']}', "
                              f"not '{cfg.model.name}' (set model.name={meta['model']})")
     if meta.get("task") and meta["task"] != cfg.data.task:

@@ -67,12 +67,8 @@ HUB_ALIASES: dict[str, str] = {
 BUILD_VERSION = "v1"
 
 SMOLLM2_GGUF_ENV = "TREC_ACCEL_SMOLLM2_GGUF"
-# The chat template stored in that GGUF file (and in SmolLM2-135M-Instruct's tokenizer_config.json).
-SMOLLM2_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
-    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# The chat markers of SmolLM2-Instruct: each one token of the vocabulary.
+SMOLLM2_CHAT_MARKERS = ("<|im_start|>", "<|im_end|>")
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SIZE = 98_362_432
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -230,22 +226,42 @@ def _smollm2_available() -> bool:
 # --------------------------------------------------------------------------- resolve
 
 
-def resolve_model_path(name: str) -> str:
-    """Map ``model.name`` to something ``from_pretrained`` can load.
+def offline_name(name: str) -> Optional[str]:
+    """The built-in offline model that ``model.name`` stands for, or None (a local folder or a hub id).
 
-    Built-in offline names are materialised once into ``cache_dir()/<name>-<BUILD_VERSION>``
-    and that folder is returned. ``HuggingFaceTB/SmolLM2-135M-Instruct`` is treated as
-    ``smollm2-135m-instruct`` whenever the GGUF is available and no local folder has that
-    path. Any other value (local path or hub id) is returned unchanged.
+    ``HuggingFaceTB/SmolLM2-135M-Instruct`` stands for ``smollm2-135m-instruct`` whenever the GGUF
+    is available and no local folder has that path.
     """
     name = str(name)
     if name in OFFLINE_MODELS:
-        return str(materialize(name))
+        return name
     alias = HUB_ALIASES.get(name)
     if alias is not None and not os.path.exists(name) and _smollm2_available():
-        logger.info("Using the offline %s for %s", alias, name)
-        return str(materialize(alias))
-    return name
+        return alias
+    return None
+
+
+def portable_name(name: str) -> str:
+    """``model.name`` as another machine can load it: the hub id of the original a built-in offline model was
+    made from (``smollm2-135m-instruct`` -> ``HuggingFaceTB/SmolLM2-135M-Instruct``), else the name itself:
+    a hub id, a local folder, or a model that only trec-accel builds (``tiny-random-mistral``,
+    ``mistral-7b-random``: random weights)."""
+    return {offline: hub for hub, offline in HUB_ALIASES.items()}.get(str(name), str(name))
+
+
+def resolve_model_path(name: str) -> str:
+    """Map ``model.name`` to something ``from_pretrained`` can load.
+
+    Built-in offline models (see :func:`offline_name`) are materialised once into
+    ``cache_dir()/<name>-<BUILD_VERSION>`` and that folder is returned. Any other value (local
+    path or hub id) is returned unchanged.
+    """
+    offline = offline_name(name)
+    if offline is None:
+        return str(name)
+    if offline != name:
+        logger.info("Using the offline %s for %s", offline, name)
+    return str(materialize(offline))
 
 
 def _check_sources(name: str) -> None:
@@ -489,6 +505,24 @@ def _sha256(path: pathlib.Path) -> str:
     return h.hexdigest()
 
 
+def check_smollm2_tokenizer(tok, gguf: pathlib.Path) -> None:
+    """Refuse a tokenizer that was not read whole from the GGUF file. Seen on the GPU host (transformers 5.17,
+    tokenizers 0.23.2, numpy 2.5): no chat template, and the chat markers split into several tokens (a prompt
+    156 tokens long instead of 130), with which the model trained and scored 15 points worse, silently."""
+    problems = [] if tok.chat_template else ["no chat template"]
+    problems += [f"{m} is {len(ids)} tokens, not 1" for m in SMOLLM2_CHAT_MARKERS
+                 if len(ids := tok.encode(m, add_special_tokens=False)) != 1]
+    problems += [] if tok.eos_token is not None else ["no eos token"]
+    if problems:
+        import numpy
+        import transformers
+        from importlib.metadata import version
+        versions = f"transformers {transformers.__version__}, numpy {numpy.__version__}, gguf {version('gguf')}"
+        raise OfflineModelError(f"the tokenizer read from {gguf} is incomplete with {versions} ({'; '.join(problems)}): "
+                                f"build smollm2-135m-instruct on a machine where it reads whole (the tests check it) and copy "
+                                f"the folder under {cache_dir()}, or point $TREC_ACCEL_CACHE at such a copy")
+
+
 def build_smollm2_from_gguf(dest: PathLike, gguf_path: Optional[PathLike] = None) -> None:
     """Dequantise SmolLM2-135M-Instruct (Q4_1 GGUF) into a regular bf16 Transformers folder."""
     import torch
@@ -508,13 +542,7 @@ def build_smollm2_from_gguf(dest: PathLike, gguf_path: Optional[PathLike] = None
     dest.mkdir(parents=True, exist_ok=True)
 
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    if not tok.chat_template:
-        # Seen on the GPU host (transformers 5.17, tokenizers 0.23.2): the file's template was not read,
-        # where the same file and transformers read it here. It is the model's published template.
-        warnings.warn(f"{gguf}: no chat template read from the file; using SmolLM2-Instruct's own")
-        tok.chat_template = SMOLLM2_CHAT_TEMPLATE
-    if tok.eos_token is None:
-        raise RuntimeError(f"{gguf} carries no eos token")
+    check_smollm2_tokenizer(tok, gguf)
     if tok.pad_token is None:
         # SmolLM2-Instruct on the hub uses pad = eos = <|im_end|>.
         tok.pad_token = tok.eos_token
@@ -555,6 +583,8 @@ __all__ = [
     "HUB_ALIASES",
     "OfflineModelError",
     "cache_dir",
+    "offline_name",
+    "portable_name",
     "resolve_model_path",
     "materialize",
     "load_tokenizer",

@@ -123,6 +123,7 @@ def predict(model, encoder, questions: Sequence[str], batch_size: int, normalize
     from .evaluate import score_prompts, shared_prefix
 
     encs = [encoder.encode(q) for q in questions]
+    encoder.count_shortened(encs, "questions")
     prefix = shared_prefix(model, encoder) if all(encoder.shares_prefix(e) for e in encs) else None
     rows = []
     for i in range(0, len(questions), max(1, batch_size)):
@@ -144,7 +145,7 @@ def format_rows(rows: Sequence[dict], as_json: bool) -> str:
 def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> list[dict]:
     """The script's body: parse, read the questions, load the model once, score, print."""
     from .batching import Encoder
-    from .model import load_for_inference
+    from .model import context_length, load_for_inference
     from .train import make_accelerator
 
     args, cfg, _, given = parse(argv)
@@ -153,7 +154,7 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
     if accelerator.num_processes > 1 and not accelerator.is_main_process:
         return []  # prediction runs on one process
     model, tokenizer = load_for_inference(cfg, accelerator, cfg.adapter)
-    encoder = Encoder(tokenizer, cfg.data.task, cfg.data.template)
+    encoder = Encoder(tokenizer, cfg.data.task, cfg.data.template, context_length(model))
     with accelerator.autocast():
         rows = predict(model, encoder, questions, cfg.eval.batch_size, cfg.eval.normalize)
     out = stdout or sys.stdout

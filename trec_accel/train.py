@@ -3,8 +3,8 @@
 Features: 4-bit NF4 base (CUDA) or bf16/fp32, LoRA, shared-prefix batches, gradient accumulation with the
 loss normalised by the label tokens of the whole global batch (so N processes train exactly like one),
 clipping, AdamW / paged AdamW, cosine or linear schedule with warm-up, periodic validation loss and
-accuracy, W&B or TensorBoard, atomic checkpoints every N steps, exact mid-epoch resume, and a checkpoint
-on SIGTERM / SIGUSR1 before a clean exit.
+accuracy, W&B or TensorBoard, atomic checkpoints every N steps, exact mid-epoch resume, and one checkpoint
+and exit 0 on SIGTERM / SIGUSR1 / SIGINT, however many and whenever they come (`signals`).
 """
 from __future__ import annotations
 
@@ -14,21 +14,22 @@ import logging
 import math
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, signals
 from .batching import Encoder, batch_rounds, collate, epoch_order, micro_batches, shard
-from .config import Config, ConfigError, flat_dict, save_config
+from .config import Config, ConfigError, check_output_dir, flat_dict, save_config
 from .data import load_splits
 from .forward import parts
+from .launcher import check_joined
 from .loss import LabelLoss, batch_loss
-from .model import (ADAPTER_META, adapter_meta, add_lora, backend_of, fsdp_lora_state_dict, load_base, write_adapter,
-                    parameter_counts, prepare_for_training)
 from .memory import EVAL_MEMORY_SETTINGS, out_of_memory
+from .model import (ADAPTER_META, adapter_meta, add_lora, backend_of, context_length, fsdp_lora_state_dict, load_base,
+                    write_adapter, parameter_counts, prepare_for_training)
+from .offline_models import portable_name
 from .step import TrainStep, decide_cuda_graphs, decide_shared_prefix
 from .throughput import ModelFlops, peak_flops
 
@@ -52,6 +53,7 @@ def make_accelerator(cfg: Config, gradient_accumulation_steps: int = 1):
                               log_with=trackers or None,
                               project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=cfg.output_dir),
                               step_scheduler_with_optimizer=False)
+    check_joined(accelerator)
     return accelerator
 
 
@@ -86,20 +88,27 @@ def configure_backend(accelerator, cfg: Config) -> None:
         ds["gradient_clipping"] = cfg.train.max_grad_norm or 0.0
 
 
-class SignalFlag:
-    """SIGTERM / SIGUSR1 (what SLURM sends before a time limit or preemption) ask for a checkpoint and exit."""
+def stop_requested(accelerator, flag: signals.StopFlag) -> bool:
+    """Whether any process has received a stop signal; every process must ask at the same point. One process
+    reads its own flag: a collective (and its device sync) only where there are several."""
+    if accelerator.num_processes == 1:
+        return flag.signum > 0
+    return accelerator.reduce(torch.tensor(float(flag.signum), device=accelerator.device), "max").item() > 0
 
-    def __init__(self):
-        self.signum = 0
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
 
-    def _handle(self, signum, frame):
-        self.signum = signum
+def stopped_during_startup(accelerator, flag: signals.StopFlag, step: int) -> dict:
+    """The end of a run stopped before its first step: there is nothing new to save."""
+    log.warning("signal %d received during start-up: exiting before training, at step %d", flag.signum, step)
+    accelerator.end_training()
+    return {"status": "interrupted", "step": step}
 
-    def restore(self) -> None:
-        """Give the handlers back, so that a caller of `run` in the same process can still be stopped."""
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
+
+def run_totals(start: dict, train_seconds: float, sequences: int) -> dict:
+    """The run's totals over its sessions: those recorded in the trainer state this session started from, plus this
+    session's. A checkpoint written before they were recorded counts as one session of unknown time (0 s, 0 sequences)."""
+    return {"sessions": start.get("sessions", 1 if start["step"] else 0) + 1,
+            "train_seconds": start.get("train_seconds", 0.0) + train_seconds,
+            "sequences": start.get("sequences", 0) + sequences}
 
 
 class TrainClock:
@@ -154,12 +163,25 @@ def _trainable_only(model) -> set[str]:
 
 
 def run(cfg: Config) -> dict:
-    """Train as configured; returns a summary (also in output_dir/train_summary.json)."""
+    """Train as configured; returns a summary (also in output_dir/train_summary.json). SIGTERM, SIGUSR1 and SIGINT
+    end it with a checkpoint (see `signals`)."""
+    with signals.stop_flag() as flag:
+        return _train(cfg, flag)
+
+
+def _train(cfg: Config, flag: signals.StopFlag) -> dict:
     from accelerate.utils import set_seed
     from .evaluate import evaluate_examples, log_to_trackers
     from .reports import plot_confusion_matrix, plot_training_curves, write_json
 
     out = Path(cfg.output_dir)
+    ckpt_root = out / "checkpoints"
+    # Before anything is loaded or written: a wrong resume path or output folder shows in a second.
+    resume_from = checkpoint.find_resume(cfg.resume, ckpt_root)
+    check_output_dir(out)
+    state = checkpoint.load_trainer_state(resume_from) if resume_from is not None else \
+        {"step": 0, "epoch": 0, "position": 0, "history": [], "best_accuracy": None, "best_step": None}
+    start = dict(state)
     splits = load_splits(cfg.data.path, cfg.data.task, cfg.data.val_fraction, cfg.data.split_seed)
     train_examples = splits["train"][: cfg.data.max_examples or None]
     val_examples = splits["validation"]
@@ -168,8 +190,11 @@ def run(cfg: Config) -> dict:
     configure_backend(accelerator, cfg)
     main = accelerator.is_main_process
     if main:
-        save_config(cfg, out / "config.yaml")
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if stop_requested(accelerator, flag):
+        return stopped_during_startup(accelerator, flag, state["step"])
+    if main:
+        save_config(cfg, out / "config.yaml")
     set_seed(cfg.seed)
 
     model, tokenizer, plan = load_base(cfg, accelerator)
@@ -184,8 +209,9 @@ def run(cfg: Config) -> dict:
     log.info("trainable parameters: %s of %s (%.3f%%), backend %s, %s%s", f"{trainable:,}", f"{total:,}",
              100 * trainable / total, plan.backend, plan.dtype, " 4-bit NF4" if plan.quantize else "")
 
-    encoder = Encoder(tokenizer, cfg.data.task, cfg.data.template)
+    encoder = Encoder(tokenizer, cfg.data.task, cfg.data.template, context_length(model))
     encoded = [encoder.encode(e.text, e.label) for e in train_examples]
+    encoder.count_shortened(encoded, "training questions", warn=main)
     graphs = decide_cuda_graphs(cfg.train.cuda_graphs, accelerator.device, plan.backend, accelerator.mixed_precision,
                                 cfg.model.attn_implementation, total)
     shared = decide_shared_prefix(cfg.train.shared_prefix, plan.backend, cfg.train.batch_size, graphs.on, total,
@@ -227,9 +253,6 @@ def run(cfg: Config) -> dict:
 
     accelerator.register_save_state_pre_hook(adapter_weights_only)
 
-    state = {"step": 0, "epoch": 0, "position": 0, "history": [], "best_accuracy": None, "best_step": None}
-    ckpt_root = out / "checkpoints"
-    resume_from = checkpoint.find_resume(cfg.resume, ckpt_root)
     if resume_from is not None:
         # Checkpoints hold the trainable weights only; DeepSpeed's engine names the same switch differently.
         deepspeed = plan.backend in ("deepspeed", "zero3")
@@ -238,16 +261,16 @@ def run(cfg: Config) -> dict:
         # steps. A checkpoint always falls between optimizer steps, so a new window starts here, whatever
         # grad_accum was before (3 micro-batches of grad_accum=1, resumed with 2, would step mid-window).
         accelerator.step = 0
-        state = checkpoint.load_trainer_state(resume_from)
         log.info("resumed from %s at step %d (epoch %d, example %d)", resume_from, state["step"], state["epoch"],
                  state["position"])
 
+    if stop_requested(accelerator, flag):
+        return stopped_during_startup(accelerator, flag, state["step"])
     if cfg.log.tracker != "none":
         run_name = cfg.log.run_name or out.name
         accelerator.init_trackers(cfg.log.project, config=flat_dict(cfg),
                                   init_kwargs={"wandb": {"name": run_name}} if cfg.log.tracker == "wandb" else {})
 
-    flag = SignalFlag()
     lengths = [len(e.prompt_ids) + len(e.label_ids) for e in encoded]
     pad = tokenizer.pad_token_id
     max_norm = cfg.train.max_grad_norm or float("inf")
@@ -265,7 +288,8 @@ def run(cfg: Config) -> dict:
     def save(step_state: dict) -> Path:
         best = (state["best_step"],) if state["best_step"] is not None else ()
         with clock.paused():
-            return checkpoint.save(accelerator, ckpt_root, step_state["step"], step_state, cfg.train.keep_last,
+            return checkpoint.save(accelerator, ckpt_root, step_state["step"],
+                                   {**step_state, **run_totals(start, clock.total, sequences)}, cfg.train.keep_last,
                                    protect=best)
 
     def validate(step: int) -> dict:
@@ -324,9 +348,7 @@ def run(cfg: Config) -> dict:
             if pbar is not None:
                 pbar.update(1)
 
-            # One process reads its own flag; several agree on it (a collective, so only then).
-            stop = flag.signum > 0 if world == 1 else \
-                accelerator.reduce(torch.tensor(float(flag.signum), device=device), "max").item() > 0
+            stop = stop_requested(accelerator, flag)
             last = step >= total_steps
             if step % cfg.train.log_every == 0 or last:
                 # The mean over every label token since the last log, not just this step's.
@@ -367,7 +389,6 @@ def run(cfg: Config) -> dict:
     clock.stop()
     if pbar is not None:
         pbar.close()
-    flag.restore()
 
     peaks = accelerator.gather(torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)).tolist() \
         if device.type == "cuda" else None
@@ -376,7 +397,7 @@ def run(cfg: Config) -> dict:
                "cuda_graphs": step_fn.graphs_on, "graph_shapes": len(step_fn.graphs),
                "graph_capture_seconds": step_fn.capture_seconds,
                "best_accuracy": state["best_accuracy"], "best_step": state["best_step"],
-               "train_seconds": clock.total, "sequences": sequences, "first_step_seconds": clock.first_step,
+               **run_totals(start, clock.total, sequences), "first_step_seconds": clock.first_step,
                "global_batch": global_micro * cfg.train.grad_accum,
                "peak_mem_gib": peaks[0] if peaks else None, "peak_mem_gib_per_process": peaks}
     if not interrupted:
@@ -427,7 +448,7 @@ def save_adapter(accelerator, loss_model, tokenizer, cfg: Config, labels, dest: 
                       "initialisation, so the export under this backend is broken; please report it", steps)
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        write_adapter(model, inner, tmp)
+        write_adapter(model, inner, tmp, portable_name(cfg.model.name))
         tokenizer.save_pretrained(str(tmp))
         save_config(cfg, tmp / "config.yaml")
         (tmp / ADAPTER_META).write_text(json.dumps(adapter_meta(cfg, labels), indent=1))

@@ -54,6 +54,7 @@ HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1) || true
 [[ -n $HEAD ]] || die "could not resolve the head node from SLURM_JOB_NODELIST='${SLURM_JOB_NODELIST}'"
 
 cmd=(accelerate launch
+     --quiet
      --config_file "$ACCELERATE_CONFIG"
      --num_machines "$NNODES"
      --num_processes "$(( NNODES * GPUS ))"
