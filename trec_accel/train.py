@@ -1,6 +1,7 @@
 """The training recipe: QLoRA on TREC with a plain PyTorch loop wrapped by Accelerate.
 
-Features: 4-bit NF4 base (CUDA) or bf16/fp32, LoRA, shared-prefix batches, gradient accumulation with the
+Features: 4-bit NF4 base (CUDA) or bf16/fp32, LoRA, shared-prefix batches, steps replayed from CUDA graphs on
+one GPU (`step`), loss, tokens/s, MFU and peak memory in the step log, gradient accumulation with the
 loss normalised by the label tokens of the whole global batch (so N processes train exactly like one),
 clipping, AdamW / paged AdamW, cosine or linear schedule with warm-up, periodic validation loss and
 accuracy, W&B or TensorBoard, atomic checkpoints every N steps, exact mid-epoch resume, and one checkpoint
