@@ -61,7 +61,8 @@ def main() -> int:
         (le, ge), (lg, gg) = results
         rel = float((gg - ge).norm() / ge.norm())
         worst = max(worst, rel)
-        print(f"batch {tuple(batch.input_ids.shape)}: loss eager {le:.6f} graph {lg:.6f}, gradient relative difference {rel:.2e}")
+        print(f"batch {tuple(batch.input_ids.shape)}: loss eager {le:.6f} graph {lg:.6f}, "
+              f"gradient relative difference {rel:.2e}")
     print(f"graphs captured: {len(graphed.graphs)}; worst gradient relative difference {worst:.2e}")
     return 0 if graphed.graphs and worst < 2e-2 else 1
 

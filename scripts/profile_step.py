@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Profile trec-accel (on a GPU; a CPU runs it too, for a smoke test): a training step, or an evaluation of the test split; wall times, peak memory,
-and the kernels that take the time.
+"""Profile trec-accel (on a GPU; a CPU runs it too, for a smoke test): a training step, or an evaluation of the
+test split; wall times, peak memory, and the kernels that take the time.
 
     python scripts/profile_step.py --config configs/mistral7b_coarse.yaml model.name=mistral-7b-random \
         model.gradient_checkpointing=true --batch 256
@@ -21,7 +21,6 @@ from trec_accel.loss import LabelLoss
 from trec_accel.model import add_lora, load_base, parameter_counts, prepare_for_training
 from trec_accel.step import TrainStep, decide_cuda_graphs, decide_shared_prefix
 from trec_accel.train import make_optimizer
-
 
 CUDA = torch.cuda.is_available()
 ACTIVITIES = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
@@ -59,8 +58,11 @@ def main():
     splits = load_splits(cfg.data.path, cfg.data.task, cfg.data.val_fraction, cfg.data.split_seed)
     if args.eval:
         model = add_lora(base, cfg).eval()
-        run = lambda: evaluate_examples(model, enc, splits["test"], acc, cfg.eval.batch_size,
-                                        max_batch_tokens=cfg.eval.max_batch_tokens)
+
+        def run():
+            return evaluate_examples(model, enc, splits["test"], acc, cfg.eval.batch_size,
+                                     max_batch_tokens=cfg.eval.max_batch_tokens)
+
         with acc.autocast():
             # The first pass meets every batch shape for the first time; the second is what a warm process pays.
             print("evaluation seconds, first and second pass:", [round(timed(run), 3) for _ in range(2)])
@@ -90,7 +92,7 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=not step_fn.keep_grads)
 
-    times = [timed(lambda: step(batch)) for batch in batches[:-2]]
+    times = [timed(lambda b=batch: step(b)) for batch in batches[:-2]]
     with profile(activities=ACTIVITIES) as prof:
         wall = timed(lambda: [step(batch) for batch in batches[-2:]])
     print("step seconds", [round(x, 3) for x in times], "widths", [x.input_ids.shape[1] for x in batches],

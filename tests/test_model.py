@@ -49,7 +49,8 @@ def test_offline_model_is_built_outside_zero3_partitioned_init(monkeypatch):
 
     import trec_accel.model as model_module
     seen = []
-    monkeypatch.setattr(model_module, "resolve_model_path", lambda name: seen.append(is_deepspeed_zero3_enabled()) or "/m")
+    monkeypatch.setattr(model_module, "resolve_model_path",
+                        lambda name: seen.append(is_deepspeed_zero3_enabled()) or "/m")
     plugin = DeepSpeedPlugin(zero_stage=3, zero3_init_flag=True)
     try:
         plugin.set_deepspeed_weakref()  # what the Accelerator does before from_pretrained

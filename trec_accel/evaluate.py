@@ -86,7 +86,8 @@ def score_prompts(model, encoder: Encoder, prompts: Sequence[list[int]], prefix:
 
 
 @torch.no_grad()
-def generate_labels(model, encoder: Encoder, prompts: Sequence[list[int]], max_new_tokens: int) -> list[tuple[int, str]]:
+def generate_labels(model, encoder: Encoder, prompts: Sequence[list[int]],
+                    max_new_tokens: int) -> list[tuple[int, str]]:
     """The notebook's method: greedy generation, then the label found in the answer (-1 when none is)."""
     device = next(p for p in model.parameters()).device
     pad = encoder.tokenizer.pad_token_id
@@ -145,11 +146,12 @@ def evaluate_examples(model, encoder: Encoder, examples, accelerator, batch_size
                                leave=False, dynamic_ncols=True, disable=not accelerator.is_main_process):
         prompts = [encoded[j].prompt_ids for j in chunk]
         if method == "score":
-            scores = call_model(lambda m: score_prompts(m, encoder, prompts, prefix, normalize)).cpu()
+            scores = call_model(lambda m, prompts=prompts: score_prompts(m, encoder, prompts, prefix, normalize)).cpu()
             for j, sc in zip(chunk if counted else [], scores):
                 rows.append({"index": j, "pred": int(sc.argmax()), "scores": [round(float(x), 4) for x in sc]})
         else:
-            for j, (pred, text) in zip(chunk if counted else [], generate_labels(model, encoder, prompts, max_new_tokens)):
+            generated = generate_labels(model, encoder, prompts, max_new_tokens)
+            for j, (pred, text) in zip(chunk if counted else [], generated):
                 rows.append({"index": j, "pred": pred, "generated": text})
     rows = sorted(gather_object(rows), key=lambda r: r["index"])
     labels = list(encoder.labels)

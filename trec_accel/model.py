@@ -11,8 +11,8 @@ from torch import nn
 
 from .config import Config, ConfigError
 from .forward import checkpoint_layers
-from .offline_models import (BUILD_VERSION, load_tokenizer as _auto_tokenizer, offline_name, portable_name,
-                             resolve_model_path)
+from .offline_models import BUILD_VERSION, offline_name, portable_name, resolve_model_path
+from .offline_models import load_tokenizer as _auto_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ def load_plan(cfg: Config, accelerator) -> LoadPlan:
     cuda = accelerator.device.type == "cuda"
     q = cfg.model.quantization
     if q == "nf4" and not cuda:
-        raise ConfigError("model.quantization=nf4 needs a CUDA GPU (bitsandbytes 4-bit); use model.quantization=none on CPU")
+        raise ConfigError("model.quantization=nf4 needs a CUDA GPU (bitsandbytes 4-bit); "
+                          "use model.quantization=none on CPU")
     quantize = q == "nf4" or (q == "auto" and cuda)
     name = cfg.model.dtype
     if name == "auto":
@@ -198,7 +199,8 @@ def write_adapter(model, lora_weights: dict, folder: Path, base_model: str) -> N
 
     from safetensors.torch import save_file
     name = model.active_adapter
-    weights = {k.replace(f".{name}", ""): v.detach().cpu().contiguous() for k, v in lora_weights.items() if "lora_" in k}
+    weights = {k.replace(f".{name}", ""): v.detach().cpu().contiguous()
+               for k, v in lora_weights.items() if "lora_" in k}
     if not weights:
         raise ValueError("no LoRA weights to save")
     config = copy.copy(model.peft_config[name])

@@ -514,13 +514,15 @@ def check_smollm2_tokenizer(tok, gguf: pathlib.Path) -> None:
                  if len(ids := tok.encode(m, add_special_tokens=False)) != 1]
     problems += [] if tok.eos_token is not None else ["no eos token"]
     if problems:
+        from importlib.metadata import version
+
         import numpy
         import transformers
-        from importlib.metadata import version
         versions = f"transformers {transformers.__version__}, numpy {numpy.__version__}, gguf {version('gguf')}"
-        raise OfflineModelError(f"the tokenizer read from {gguf} is incomplete with {versions} ({'; '.join(problems)}): "
-                                f"build smollm2-135m-instruct on a machine where it reads whole (the tests check it) and copy "
-                                f"the folder under {cache_dir()}, or point $TREC_ACCEL_CACHE at such a copy")
+        raise OfflineModelError(f"the tokenizer read from {gguf} is incomplete with {versions} "
+                                f"({'; '.join(problems)}): build smollm2-135m-instruct on a machine where it reads "
+                                f"whole (the tests check it) and copy the folder under {cache_dir()}, or point "
+                                f"$TREC_ACCEL_CACHE at such a copy")
 
 
 def build_smollm2_from_gguf(dest: PathLike, gguf_path: Optional[PathLike] = None) -> None:
@@ -536,7 +538,7 @@ def build_smollm2_from_gguf(dest: PathLike, gguf_path: Optional[PathLike] = None
         if size != SMOLLM2_GGUF_SIZE or _sha256(gguf) != SMOLLM2_GGUF_SHA256:
             warnings.warn(
                 f"{gguf} ({size} bytes) does not match the expected {SMOLLM2_GGUF_NAME} "
-                f"({SMOLLM2_GGUF_SIZE} bytes, sha256 {SMOLLM2_GGUF_SHA256}); truncated copy?"
+                f"({SMOLLM2_GGUF_SIZE} bytes, sha256 {SMOLLM2_GGUF_SHA256}); truncated copy?", stacklevel=2
             )
     dest = pathlib.Path(dest)
     dest.mkdir(parents=True, exist_ok=True)

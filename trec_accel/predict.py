@@ -128,7 +128,8 @@ def predict(model, encoder, questions: Sequence[str], batch_size: int, normalize
     rows = []
     for i in range(0, len(questions), max(1, batch_size)):
         chunk = questions[i : i + batch_size]
-        scores = score_prompts(model, encoder, [e.prompt_ids for e in encs[i : i + batch_size]], prefix, normalize).cpu()
+        prompts = [e.prompt_ids for e in encs[i : i + batch_size]]
+        scores = score_prompts(model, encoder, prompts, prefix, normalize).cpu()
         for q, sc in zip(chunk, scores):
             k = int(sc.argmax())
             rows.append({"question": q, "label": encoder.labels[k], "score": round(float(sc[k]), 4),

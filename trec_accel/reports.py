@@ -315,7 +315,8 @@ def plot_confusion_matrix(
     ax.set_xlabel("Predicted")
     ax.set_ylabel("Gold")
     if title is None:
-        title = f"Confusion matrix (n={metrics.get('n', int(sub.sum()))}, acc={metrics.get('accuracy', float('nan')):.3f})"
+        n, acc = metrics.get('n', int(sub.sum())), metrics.get('accuracy', float('nan'))
+        title = f"Confusion matrix (n={n}, acc={acc:.3f})"
         if len(names) < len(labels):
             title += f"\n{len(labels) - len(names)} absent label(s) not shown"
     ax.set_title(title)

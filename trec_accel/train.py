@@ -27,8 +27,18 @@ from .forward import parts
 from .launcher import check_joined
 from .loss import LabelLoss, batch_loss
 from .memory import EVAL_MEMORY_SETTINGS, out_of_memory
-from .model import (ADAPTER_META, adapter_meta, add_lora, backend_of, context_length, fsdp_lora_state_dict, load_base,
-                    write_adapter, parameter_counts, prepare_for_training)
+from .model import (
+    ADAPTER_META,
+    adapter_meta,
+    add_lora,
+    backend_of,
+    context_length,
+    fsdp_lora_state_dict,
+    load_base,
+    parameter_counts,
+    prepare_for_training,
+    write_adapter,
+)
 from .offline_models import portable_name
 from .step import TrainStep, decide_cuda_graphs, decide_shared_prefix
 from .throughput import ModelFlops, peak_flops
@@ -49,9 +59,9 @@ def make_accelerator(cfg: Config, gradient_accumulation_steps: int = 1):
     trackers = [] if cfg.log.tracker == "none" else [cfg.log.tracker]
     if cfg.log.tracker == "wandb" and not os.environ.get("WANDB_API_KEY") and not (Path.home() / ".netrc").is_file():
         os.environ.setdefault("WANDB_MODE", "offline")  # no key or no network: keep the run on disk
+    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=cfg.output_dir)
     accelerator = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=precision,
-                              log_with=trackers or None,
-                              project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=cfg.output_dir),
+                              log_with=trackers or None, project_config=project,
                               step_scheduler_with_optimizer=False)
     check_joined(accelerator)
     return accelerator
@@ -105,7 +115,8 @@ def stopped_during_startup(accelerator, flag: signals.StopFlag, step: int) -> di
 
 def run_totals(start: dict, train_seconds: float, sequences: int) -> dict:
     """The run's totals over its sessions: those recorded in the trainer state this session started from, plus this
-    session's. A checkpoint written before they were recorded counts as one session of unknown time (0 s, 0 sequences)."""
+    session's. A checkpoint written before they were recorded counts as one session of unknown time (0 s,
+    0 sequences)."""
     return {"sessions": start.get("sessions", 1 if start["step"] else 0) + 1,
             "train_seconds": start.get("train_seconds", 0.0) + train_seconds,
             "sequences": start.get("sequences", 0) + sequences}
@@ -171,6 +182,7 @@ def run(cfg: Config) -> dict:
 
 def _train(cfg: Config, flag: signals.StopFlag) -> dict:
     from accelerate.utils import set_seed
+
     from .evaluate import evaluate_examples, log_to_trackers
     from .reports import plot_confusion_matrix, plot_training_curves, write_json
 
@@ -390,8 +402,8 @@ def _train(cfg: Config, flag: signals.StopFlag) -> dict:
     if pbar is not None:
         pbar.close()
 
-    peaks = accelerator.gather(torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)).tolist() \
-        if device.type == "cuda" else None
+    peaks = (accelerator.gather(torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device))
+             .tolist() if device.type == "cuda" else None)
     summary = {"status": "interrupted" if interrupted else "finished", "step": state["step"],
                "trainable_parameters": trainable, "total_parameters": total, "shared_prefix": shared.on,
                "cuda_graphs": step_fn.graphs_on, "graph_shapes": len(step_fn.graphs),
