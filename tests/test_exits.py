@@ -211,7 +211,7 @@ def test_signals_in_any_rhythm_give_one_checkpoint_and_exit_0(tmp_path, toy_data
                 proc.kill()
                 proc.wait()
 
-    for name, (proc, _, _, log) in runs.items():
+    for name, (proc, _, out, log) in runs.items():
         text = log.read_text()
         assert proc.returncode == 0, (name, text[-3000:])
         assert "Traceback" not in text, (name, text[-3000:])

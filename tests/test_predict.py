@@ -199,8 +199,8 @@ def test_adapter_config_wins_over_config_file_unless_overridden(adapter, tmp_pat
 
 
 def test_read_questions():
-    from trec_accel.evaluate import EvalError
     from trec_accel.predict import read_questions
+    from trec_accel.scoring import EvalError
     assert read_questions([], None, io.StringIO("a ?\nb ?\n\n")) == ["a ?", "b ?"]
     with pytest.raises(EvalError, match="question 1 is empty"):
         read_questions(["", "b"], None, io.StringIO(""))

@@ -224,7 +224,7 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly_then_resume_continues(tmp_p
                 proc.wait()
 
     stopped_at = {}
-    for sig, (_, out, _) in procs.items():
+    for sig, (_, out, log) in procs.items():
         summary = read_json(out / "train_summary.json")
         assert summary["status"] == "interrupted", summary
         n = summary["step"]

@@ -12,6 +12,7 @@ ratios of tokens/s and of sequences/s agree.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .batching import Encoder
+from .batching import IGNORE, Encoder
 from .config import PROJECTIONS, load_config
 from .data import load_splits
 
@@ -40,7 +41,7 @@ def _dataset(tokenizer, encoder: Encoder, examples):
         enc = encoder.encode(e.text, e.label)
         ids = enc.prompt_ids + enc.label_ids
         rows.append({"input_ids": ids, "attention_mask": [1] * len(ids),
-                     "labels": [-100] * len(enc.prompt_ids) + enc.label_ids})
+                     "labels": [IGNORE] * len(enc.prompt_ids) + enc.label_ids})
     return rows
 
 
@@ -193,7 +194,7 @@ def config_runs(args, results: dict) -> None:
 def eval_setups(args, task: str, base, tokenizer, test, results: dict) -> None:
     from accelerate import Accelerator
 
-    from .evaluate import evaluate_examples, generate_labels
+    from .scoring import evaluate_examples, generate_labels
 
     cfg = _cfg(args, task)
     model = _fresh_lora(base, cfg).eval()
@@ -211,10 +212,11 @@ def eval_setups(args, task: str, base, tokenizer, test, results: dict) -> None:
         by_batch = {}
         for batch in args.eval_batch:
             for cap in args.eval_tokens or [cfg.eval.max_batch_tokens]:
-                evaluate_examples(model, encoder, test[:64], accelerator, batch, max_batch_tokens=cap)  # warm-up
+                ev = dataclasses.replace(cfg.eval, batch_size=batch, max_batch_tokens=cap)
+                evaluate_examples(model, encoder, test[:64], accelerator, ev)  # warm-up
                 torch.cuda.synchronize()
                 t = time.perf_counter()
-                evaluate_examples(model, encoder, test, accelerator, batch, max_batch_tokens=cap)
+                evaluate_examples(model, encoder, test, accelerator, ev)
                 torch.cuda.synchronize()
                 by_batch[f"{batch}/{cap}"] = time.perf_counter() - t
     batch, score_s = min(by_batch.items(), key=lambda kv: kv[1])
@@ -306,7 +308,8 @@ def main(argv=None) -> int:
             from accelerate import Accelerator
 
             from .model import load_base
-            base, tokenizer, _ = load_base(cfg, Accelerator())
+            from .runtime import Runtime
+            base, tokenizer, _ = load_base(cfg, Runtime.of(Accelerator(), cfg.model.dtype))
         if tokenizer is None:
             from .model import load_tokenizer
             from .offline_models import resolve_model_path

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from .files import write_atomic
+
 
 class ConfigError(ValueError):
     """A bad config: unknown key, wrong type or impossible value. Its message is one line."""
@@ -339,11 +341,7 @@ def check_output_dir(folder: str | os.PathLike) -> None:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def reference(cls=Config, prefix: str = "") -> list[tuple[str, Any, str]]:
