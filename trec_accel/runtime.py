@@ -12,12 +12,11 @@ import torch
 from .config import Config, ConfigError
 from .launcher import check_joined
 
-BACKENDS = ("single", "ddp", "fsdp", "deepspeed", "zero3")  # deepspeed: ZeRO-1/2; zero3: ZeRO-3
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def backend_of(accelerator) -> str:
-    """One of BACKENDS, read from the Accelerator's distributed type."""
+    """single, ddp, fsdp, deepspeed (ZeRO-1/2) or zero3, read from the Accelerator's distributed type."""
     from accelerate.utils import DistributedType
     t = accelerator.distributed_type
     if t == DistributedType.FSDP:
@@ -40,7 +39,7 @@ def model_dtype(name: str, cuda: bool) -> str:
 @dataclass(frozen=True)
 class Runtime:
     accelerator: object
-    backend: str          # one of BACKENDS
+    backend: str          # see backend_of
     is_main: bool         # the process that writes files and logs
     dtype: torch.dtype    # the base model's weights and compute dtype
 

@@ -23,7 +23,6 @@ order, so no question is dropped or counted twice.
 """
 from __future__ import annotations
 
-import logging
 from typing import Sequence
 
 import torch
@@ -32,8 +31,6 @@ from tqdm.auto import tqdm
 from .batching import Encoder, batch_rounds, length_batches, tree_batch
 from .forward import SharedPrefix, hidden_states, parts
 from .reports import compute_metrics
-
-log = logging.getLogger("trec_accel")
 
 INVALID = "<invalid>"
 

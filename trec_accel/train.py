@@ -327,8 +327,10 @@ class TrainRecipe:
     def train(self) -> None:
         """Optimizer steps until total_steps or a stop signal. A global batch may span two epochs."""
         state, grad_accum = self.state, self.cfg.train.grad_accum
-        self.loss_model.train()
         self.pbar = None
+        if state.step >= self.total_steps:  # a finished run resumed: no step to take, no time to count
+            return
+        self.loss_model.train()
         if self.runtime.is_main:
             from tqdm.auto import tqdm
             self.pbar = tqdm(total=self.total_steps, initial=state.step, desc="train", dynamic_ncols=True)
@@ -398,6 +400,8 @@ class TrainRecipe:
                 if state.best_accuracy is None or row["val/accuracy"] > state.best_accuracy:
                     state.best_accuracy, state.best_step = row["val/accuracy"], state.step
             self._record(row)
+        if stop or last:
+            self.clock.stop()  # so that the last checkpoint records this session's whole training time
         if stop or (t.save_every and state.step % t.save_every == 0) or state.best_step == state.step:
             self.save_checkpoint()
         if stop:
