@@ -11,13 +11,13 @@ import argparse
 import sys
 
 import torch
-from accelerate import Accelerator
 
 from trec_accel.batching import Encoder, collate
 from trec_accel.config import load_config
 from trec_accel.data import load_splits
 from trec_accel.loss import LabelLoss
 from trec_accel.model import add_lora, load_base
+from trec_accel.runtime import start
 from trec_accel.step import TrainStep
 
 
@@ -31,8 +31,9 @@ def main() -> int:
         print("error: CUDA graphs need a CUDA GPU", file=sys.stderr)
         return 2
     cfg = load_config(args.config, [*args.overrides, "lora.dropout=0"])
-    acc = Accelerator(mixed_precision="bf16" if cfg.model.dtype in ("auto", "bf16") else "no")
-    base, tok, _ = load_base(cfg, acc)
+    runtime = start(cfg)  # bf16 autocast where the model's dtype is bf16, as in training
+    acc = runtime.accelerator
+    base, tok, _ = load_base(cfg, runtime)
     model = add_lora(base, cfg)
     with torch.no_grad():  # LoRA B starts at zero: give it weights so that every gradient is non-trivial
         for n, w in model.named_parameters():
@@ -61,7 +62,8 @@ def main() -> int:
         (le, ge), (lg, gg) = results
         rel = float((gg - ge).norm() / ge.norm())
         worst = max(worst, rel)
-        print(f"batch {tuple(batch.input_ids.shape)}: loss eager {le:.6f} graph {lg:.6f}, gradient relative difference {rel:.2e}")
+        print(f"batch {tuple(batch.input_ids.shape)}: loss eager {le:.6f} graph {lg:.6f}, "
+              f"gradient relative difference {rel:.2e}")
     print(f"graphs captured: {len(graphed.graphs)}; worst gradient relative difference {worst:.2e}")
     return 0 if graphed.graphs and worst < 2e-2 else 1
 

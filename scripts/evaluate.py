@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """Evaluate a base model or a trained adapter on a TREC split:
-`accelerate launch -q scripts/evaluate.py --config configs/NAME.yaml [adapter=DIR] [eval.split=test] [key=value ...]`."""
+
+    accelerate launch -q scripts/evaluate.py --config configs/NAME.yaml [adapter=DIR] [eval.split=test] \\
+        [key=value ...]
+"""
 import sys
 
 from trec_accel import cli

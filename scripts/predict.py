@@ -7,6 +7,5 @@ import sys
 from trec_accel import cli
 from trec_accel.predict import main
 
-
 if __name__ == "__main__":
     sys.exit(cli.main(lambda: main(sys.argv[1:])))

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Profile trec-accel (on a GPU; a CPU runs it too, for a smoke test): a training step, or an evaluation of the test split; wall times, peak memory,
-and the kernels that take the time.
+"""Profile trec-accel (on a GPU; a CPU runs it too, for a smoke test): a training step, or an evaluation of the
+test split; wall times, peak memory, and the kernels that take the time.
 
     python scripts/profile_step.py --config configs/mistral7b_coarse.yaml model.name=mistral-7b-random \
         model.gradient_checkpointing=true --batch 256
@@ -10,18 +10,17 @@ import argparse
 import time
 
 import torch
-from accelerate import Accelerator
 from torch.profiler import ProfilerActivity, profile
 
 from trec_accel.batching import Encoder, collate, epoch_order
 from trec_accel.config import load_config
 from trec_accel.data import load_splits
-from trec_accel.evaluate import evaluate_examples
 from trec_accel.loss import LabelLoss
 from trec_accel.model import add_lora, load_base, parameter_counts, prepare_for_training
+from trec_accel.runtime import start
+from trec_accel.scoring import evaluate_examples
 from trec_accel.step import TrainStep, decide_cuda_graphs, decide_shared_prefix
 from trec_accel.train import make_optimizer
-
 
 CUDA = torch.cuda.is_available()
 ACTIVITIES = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
@@ -53,14 +52,17 @@ def main():
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     cfg = load_config(args.config, args.overrides)
-    acc = Accelerator(mixed_precision="bf16" if CUDA else "no")
-    base, tok, plan = load_base(cfg, acc)
+    runtime = start(cfg)  # the Accelerator and precision training would have
+    acc = runtime.accelerator
+    base, tok, _ = load_base(cfg, runtime)
     enc = Encoder(tok, cfg.data.task, cfg.data.template)
     splits = load_splits(cfg.data.path, cfg.data.task, cfg.data.val_fraction, cfg.data.split_seed)
     if args.eval:
         model = add_lora(base, cfg).eval()
-        run = lambda: evaluate_examples(model, enc, splits["test"], acc, cfg.eval.batch_size,
-                                        max_batch_tokens=cfg.eval.max_batch_tokens)
+
+        def run():
+            return evaluate_examples(model, enc, splits["test"], acc, cfg.eval)
+
         with acc.autocast():
             # The first pass meets every batch shape for the first time; the second is what a warm process pays.
             print("evaluation seconds, first and second pass:", [round(timed(run), 3) for _ in range(2)])
@@ -73,12 +75,12 @@ def main():
     encs = [enc.encode(e.text, e.label) for e in splits["train"]]
     order = epoch_order([len(e.prompt_ids) for e in encs], cfg.seed, 0, True, args.batch)
     params = [q for q in model.parameters() if q.requires_grad]
-    opt = make_optimizer(cfg, params, fused=CUDA)
+    opt = make_optimizer(cfg.train, params, fused=CUDA)
     lm, opt = acc.prepare(LabelLoss(model).train(), opt)  # as training does: autocast around the forward
     # The same per-run decisions as training, so the profile shows the step a run of this config takes.
-    graphs = decide_cuda_graphs(cfg.train.cuda_graphs, acc.device, plan.backend, acc.mixed_precision,
+    graphs = decide_cuda_graphs(cfg.train.cuda_graphs, acc.device, runtime.backend, runtime.precision,
                                 cfg.model.attn_implementation, total)
-    shared = decide_shared_prefix(cfg.train.shared_prefix, plan.backend, args.batch, graphs.on, total, 0)
+    shared = decide_shared_prefix(cfg.train.shared_prefix, runtime.backend, args.batch, graphs.on, total, 0)
     print(f"CUDA graphs: {graphs}; shared prefix: {shared}")
     step_fn = TrainStep(lm, acc, params, graphs.on)
     b, slots = args.batch, max(len(c) for c in enc.candidates)
@@ -90,7 +92,7 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=not step_fn.keep_grads)
 
-    times = [timed(lambda: step(batch)) for batch in batches[:-2]]
+    times = [timed(lambda b=batch: step(b)) for batch in batches[:-2]]
     with profile(activities=ACTIVITIES) as prof:
         wall = timed(lambda: [step(batch) for batch in batches[-2:]])
     print("step seconds", [round(x, 3) for x in times], "widths", [x.input_ids.shape[1] for x in batches],

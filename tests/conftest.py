@@ -41,7 +41,8 @@ def toy_data(tmp_path) -> Path:
     with open(folder / "train.jsonl", "w") as f:
         for i in range(4):
             for r in rows:
-                f.write(json.dumps({"text": r["text"].replace("?", "?" if i == 0 else f"( {i} ) ?"), "label": r["label"]}) + "\n")
+                text = r["text"].replace("?", "?" if i == 0 else f"( {i} ) ?")
+                f.write(json.dumps({"text": text, "label": r["label"]}) + "\n")
     with open(folder / "test.jsonl", "w") as f:
         for r in rows[:11]:
             f.write(json.dumps(r) + "\n")

@@ -1,6 +1,15 @@
 import pytest
 
-from trec_accel.batching import IGNORE, Encoder, batch_rounds, collate, epoch_order, length_batches, micro_batches, shard
+from trec_accel.batching import (
+    IGNORE,
+    Encoder,
+    batch_rounds,
+    collate,
+    epoch_order,
+    length_batches,
+    micro_batches,
+    shard,
+)
 from trec_accel.labels import COARSE_LABELS, FINE_LABELS
 
 
@@ -39,7 +48,8 @@ def test_prompt_without_label_is_the_prefix_of_the_labelled_one(encoder):
 
 
 def test_loss_slots_are_the_label_tokens_only(encoder, tokenizer):
-    exs = [encoder.encode("Who is Colin Powell ?", 3), encoder.encode("What is the population of the city of Mumbai ?", 5)]
+    exs = [encoder.encode("Who is Colin Powell ?", 3),
+           encoder.encode("What is the population of the city of Mumbai ?", 5)]
     for prefix in (None, encoder.prefix_ids):
         for slots, multiple in ((0, 1), (6, 16)):
             b = collate(exs, tokenizer.pad_token_id, prefix, label_slots=slots, width_multiple=multiple)

@@ -98,6 +98,8 @@ def test_shipped_configs_load(name):
 
 def test_readme_config_table_is_the_generated_one():
     from pathlib import Path
+
     from trec_accel.config import reference_markdown
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert reference_markdown() in readme, "README's config table is stale: paste the output of `python scripts/train.py --help-config`"
+    assert reference_markdown() in readme, \
+        "README's config table is stale: paste the output of `python scripts/train.py --help-config`"

@@ -500,5 +500,5 @@ def test_invalid_utf8_names_file_and_line(tmp_path: Path, capsys: pytest.Capture
     capsys.readouterr()
     assert cli.main(lambda: load_trec(str(jsonl), "coarse")) == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"error: 2 bad rows in the TREC data: {jsonl}:2: not valid UTF-8 (invalid start byte at byte 19): save the file "
-        f"as UTF-8; {jsonl}:3: empty text"]
+        f"error: 2 bad rows in the TREC data: {jsonl}:2: not valid UTF-8 (invalid start byte at byte 19): "
+        f"save the file as UTF-8; {jsonl}:3: empty text"]

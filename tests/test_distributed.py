@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, launch, toy_data as _toy_fixture
+from conftest import ROOT, launch
+from conftest import toy_data as _toy_fixture
 
 CONFIG = str(ROOT / "configs" / "tiny.yaml")
 STEPS = 10

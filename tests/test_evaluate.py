@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, launch, needs_trec, toy_data as _toy_fixture
+from conftest import ROOT, launch, needs_trec
+from conftest import toy_data as _toy_fixture
 
 CONFIG = str(ROOT / "configs" / "tiny.yaml")
 LABELS = ["ABBR", "ENTY", "DESC", "HUM", "LOC", "NUM"]

@@ -98,8 +98,9 @@ def test_processes_that_did_not_join_refuse_to_start(monkeypatch):
     check_joined(SimpleNamespace(num_processes=1))  # started alone
 
 
-UNJOINED = ("error: this is one of 2 processes started by a launcher, but they did not join one distributed group (does "
-            "the launch config ask for GPUs this machine does not have?), so each would run alone in the same output_dir; "
+UNJOINED = ("error: this is one of 2 processes started by a launcher, but they did not join one distributed group "
+            "(does the launch config ask for GPUs this machine does not have?), so each would run alone in the same "
+            "output_dir; "
             "to run 2 processes on this machine's CPU: ACCELERATE_USE_CPU=1 accelerate launch -q --config_file "
             "accelerate_configs/cpu_multiprocess.yaml --multi_gpu --num_processes 2 ...; or launch one process "
             "(--num_processes 1)")
@@ -210,7 +211,7 @@ def test_signals_in_any_rhythm_give_one_checkpoint_and_exit_0(tmp_path, toy_data
                 proc.kill()
                 proc.wait()
 
-    for name, (proc, pid, out, log) in runs.items():
+    for name, (proc, _, out, log) in runs.items():
         text = log.read_text()
         assert proc.returncode == 0, (name, text[-3000:])
         assert "Traceback" not in text, (name, text[-3000:])

@@ -4,9 +4,9 @@ import torch
 
 from trec_accel.batching import Encoder, collate
 from trec_accel.config import load_config
-from trec_accel.evaluate import score_prompts, shared_prefix
 from trec_accel.loss import LabelLoss, batch_loss
 from trec_accel.model import add_lora, prepare_for_training
+from trec_accel.scoring import score_prompts, shared_prefix
 
 QUESTIONS = ["Who wrote Hamlet ?", "How many legs does a spider have ?", "What is a sonnet ?",
              "What does NASA stand for ?", "Where is the highest waterfall in the United States ?"]

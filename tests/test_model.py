@@ -7,24 +7,29 @@ from accelerate.utils import DistributedType
 
 from trec_accel.config import ConfigError, load_config
 from trec_accel.model import load_plan
+from trec_accel.runtime import Runtime
 
 
-def fake_accelerator(kind=DistributedType.NO, processes=1, device="cpu", zero_stage=2):
+def fake_runtime(kind=DistributedType.NO, processes=1, device="cpu", zero_stage=2, dtype="auto"):
     state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=zero_stage))
-    return SimpleNamespace(distributed_type=kind, num_processes=processes, device=torch.device(device), state=state)
+    accelerator = SimpleNamespace(distributed_type=kind, num_processes=processes, device=torch.device(device),
+                                  state=state, is_main_process=True)
+    return Runtime.of(accelerator, dtype)
 
 
 def test_cpu_runs_unquantized_fp32():
-    plan = load_plan(load_config(), fake_accelerator())
+    runtime = fake_runtime()
+    plan = load_plan(load_config(), runtime)
     # Loaded straight onto the process's device, where training and evaluation use it.
     cpu = torch.device("cpu")
-    assert (plan.backend, plan.quantize, plan.dtype, plan.device_map) == ("single", False, torch.float32, {"": cpu})
-    assert load_plan(load_config(None, ["model.dtype=bf16"]), fake_accelerator()).dtype == torch.bfloat16
+    assert (runtime.backend, plan.quantize, plan.dtype, plan.device_map) == ("single", False, torch.float32, {"": cpu})
+    bf16 = load_config(None, ["model.dtype=bf16"])
+    assert load_plan(bf16, fake_runtime(dtype=bf16.model.dtype)).dtype == torch.bfloat16
 
 
 def test_nf4_on_cpu_is_refused():
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):
-        load_plan(load_config(None, ["model.quantization=nf4"]), fake_accelerator())
+        load_plan(load_config(None, ["model.quantization=nf4"]), fake_runtime())
 
 
 @pytest.mark.parametrize("kind, stage, backend", [(DistributedType.FSDP, 0, "fsdp"),
@@ -32,15 +37,14 @@ def test_nf4_on_cpu_is_refused():
                                                   (DistributedType.DEEPSPEED, 2, "deepspeed"),
                                                   (DistributedType.MULTI_GPU, 0, "ddp")])
 def test_backend_is_read_from_the_accelerator(kind, stage, backend):
-    plan = load_plan(load_config(), fake_accelerator(kind, processes=2, zero_stage=stage))
-    assert plan.backend == backend
+    assert fake_runtime(kind, processes=2, zero_stage=stage).backend == backend
 
 
 @pytest.mark.parametrize("kind, stage", [(DistributedType.FSDP, 0), (DistributedType.DEEPSPEED, 3)])
 def test_paged_optimizers_are_refused_where_the_backend_shards_the_state(kind, stage):
     cfg = load_config(None, ["train.optimizer=paged_adamw_32bit"])
     with pytest.raises(ConfigError, match="cannot be used with"):
-        load_plan(cfg, fake_accelerator(kind, processes=2, zero_stage=stage))
+        load_plan(cfg, fake_runtime(kind, processes=2, zero_stage=stage))
 
 
 def test_offline_model_is_built_outside_zero3_partitioned_init(monkeypatch):
@@ -49,7 +53,8 @@ def test_offline_model_is_built_outside_zero3_partitioned_init(monkeypatch):
 
     import trec_accel.model as model_module
     seen = []
-    monkeypatch.setattr(model_module, "resolve_model_path", lambda name: seen.append(is_deepspeed_zero3_enabled()) or "/m")
+    monkeypatch.setattr(model_module, "resolve_model_path",
+                        lambda name: seen.append(is_deepspeed_zero3_enabled()) or "/m")
     plugin = DeepSpeedPlugin(zero_stage=3, zero3_init_flag=True)
     try:
         plugin.set_deepspeed_weakref()  # what the Accelerator does before from_pretrained

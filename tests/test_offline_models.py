@@ -218,7 +218,7 @@ def test_tiny_model_loads_and_runs(tiny_dir):
 
     assert os.path.isfile(os.path.join(tiny_dir, "model.safetensors"))
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    tok = om.load_tokenizer(tiny_dir)
+    tok = om.auto_tokenizer(tiny_dir)
     assert type(model).__name__ == "MistralForCausalLM"
     assert model.dtype == torch.float32
     cfg = model.config
@@ -263,7 +263,7 @@ def test_tiny_tokenizer_with_autotokenizer(tiny_dir):
 
     if _mistral_common_broken():
         # transformers routes model_type=mistral folders through mistral-common and fails on
-        # its missing dependencies; load_tokenizer (used above) works around that.
+        # its missing dependencies; auto_tokenizer (used above) works around that.
         with pytest.raises(ImportError):
             AutoTokenizer.from_pretrained(tiny_dir)
         pytest.skip("mistral-common installed without its deps: AutoTokenizer cannot load mistral folders")

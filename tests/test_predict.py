@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, toy_data as _toy_fixture
+from conftest import ROOT
+from conftest import toy_data as _toy_fixture
 
 CONFIG = str(ROOT / "configs" / "tiny.yaml")
 LABELS = ["ABBR", "ENTY", "DESC", "HUM", "LOC", "NUM"]
@@ -77,7 +78,7 @@ def test_json_matches_text_and_evaluate_scoring(adapter):
     rows = [json.loads(line) for line in
             ok(run_script("predict.py", f"adapter={adapter}", "--json", *QUESTIONS)).stdout.splitlines()]
     assert [r["question"] for r in rows] == QUESTIONS
-    for r, (label, score, q) in zip(rows, text):
+    for r, (label, score, _) in zip(rows, text):
         assert set(r) == {"question", "label", "score", "scores"}
         assert list(r["scores"]) == LABELS
         assert r["label"] == max(r["scores"], key=r["scores"].get) == label
@@ -89,7 +90,8 @@ def test_file_and_stdin(adapter, tmp_path):
     f = tmp_path / "questions.txt"
     f.write_text("\n".join(QUESTIONS) + "\n")
     from_file = parse_text(ok(run_script("predict.py", f"adapter={adapter}", "--file", str(f))).stdout)
-    from_stdin = parse_text(ok(run_script("predict.py", f"adapter={adapter}", stdin="\n".join(QUESTIONS) + "\n")).stdout)
+    stdin = "\n".join(QUESTIONS) + "\n"
+    from_stdin = parse_text(ok(run_script("predict.py", f"adapter={adapter}", stdin=stdin)).stdout)
     assert [q for _, _, q in from_file] == QUESTIONS
     assert from_file == from_stdin
 
@@ -113,6 +115,7 @@ def test_adapter_task_mismatch(adapter):
 def test_adapter_weights_that_fit_no_layer(adapter, tmp_path):
     # peft would only warn and run the untrained model; an export that lost its names must stop here.
     import shutil
+
     from safetensors.torch import load_file, save_file
     broken = tmp_path / "adapter"
     shutil.copytree(adapter, broken)
@@ -196,8 +199,8 @@ def test_adapter_config_wins_over_config_file_unless_overridden(adapter, tmp_pat
 
 
 def test_read_questions():
-    from trec_accel.evaluate import EvalError
     from trec_accel.predict import read_questions
+    from trec_accel.scoring import EvalError
     assert read_questions([], None, io.StringIO("a ?\nb ?\n\n")) == ["a ?", "b ?"]
     with pytest.raises(EvalError, match="question 1 is empty"):
         read_questions(["", "b"], None, io.StringIO(""))

@@ -113,6 +113,7 @@ def test_script_trains_and_writes_a_loadable_adapter(tmp_path, toy_data, tiny_mo
     # Plain PEFT loads it, and it computes what the trained model (rebuilt from the final checkpoint) computes.
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
     from trec_accel.loss import LabelLoss
     from trec_accel.model import add_lora
 
@@ -211,10 +212,10 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly_then_resume_continues(tmp_p
                 proc = subprocess.Popen(train_cmd([f"output_dir={out}", *base]), cwd=ROOT, env=script_env(),
                                         stdout=f, stderr=subprocess.STDOUT)
             procs[sig] = (proc, out, log)
-        for sig, (proc, out, log) in procs.items():
+        for sig, (proc, _, log) in procs.items():
             _wait_for_step(proc, log, 3, timeout=180)
             proc.send_signal(sig)
-        for sig, (proc, out, log) in procs.items():
+        for proc, _, log in procs.values():
             assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
     finally:
         for proc, _, _ in procs.values():
@@ -223,7 +224,7 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly_then_resume_continues(tmp_p
                 proc.wait()
 
     stopped_at = {}
-    for sig, (proc, out, log) in procs.items():
+    for sig, (_, out, log) in procs.items():
         summary = read_json(out / "train_summary.json")
         assert summary["status"] == "interrupted", summary
         n = summary["step"]
@@ -374,8 +375,9 @@ def test_trackers_record_the_run(tmp_path, toy_data, monkeypatch, tracker):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     out = tmp_path / "run"
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"output_dir={out}", f"data.path={toy_data}", "train.max_steps=2",
-                                                       "train.log_every=1", "train.eval_every=1", f"log.tracker={tracker}"])
+    cfg = load_config(ROOT / "configs" / "tiny.yaml",
+                      [f"output_dir={out}", f"data.path={toy_data}", "train.max_steps=2", "train.log_every=1",
+                       "train.eval_every=1", f"log.tracker={tracker}"])
     run(cfg)
     assert (out / "val_confusion_matrix.png").stat().st_size > 0
     if tracker == "tensorboard":

@@ -8,8 +8,8 @@ rows (`tree_batch`) put every candidate label after its question, as a trie unde
 """
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 import random
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -53,7 +53,8 @@ class Encoder:
         # The instruction's tokens as they come out inside a whole prompt (BOS included).
         self.prefix_ids: list[int] = [t for t, (s, e) in zip(ids, offsets) if e <= len(p.prefix)]
         # Candidate label sequences (answer + end), the same after every question: checked in `encode`.
-        self.candidates: list[list[int]] = [self._encode("What is this ?", i).label_ids for i in range(len(self.labels))]
+        self.candidates: list[list[int]] = [self._encode("What is this ?", i).label_ids
+                                            for i in range(len(self.labels))]
         self.trie = LabelTrie(self.candidates)
         self.max_length = max_length
         self.room = max(len(c) for c in self.candidates)  # tokens that follow a prompt: the longest label
@@ -208,7 +209,9 @@ class Batch:
                                  self.prefix_ids) if t is not None)
 
     def to(self, device) -> "Batch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=True)
+
         return Batch(*(move(t) for t in (self.input_ids, self.attention_mask, self.label_positions,
                                          self.label_targets, self.prefix_ids)))
 

@@ -12,6 +12,7 @@ ratios of tokens/s and of sequences/s agree.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .batching import Encoder
+from .batching import IGNORE, Encoder
 from .config import PROJECTIONS, load_config
 from .data import load_splits
 
@@ -40,7 +41,7 @@ def _dataset(tokenizer, encoder: Encoder, examples):
         enc = encoder.encode(e.text, e.label)
         ids = enc.prompt_ids + enc.label_ids
         rows.append({"input_ids": ids, "attention_mask": [1] * len(ids),
-                     "labels": [-100] * len(enc.prompt_ids) + enc.label_ids})
+                     "labels": [IGNORE] * len(enc.prompt_ids) + enc.label_ids})
     return rows
 
 
@@ -110,7 +111,8 @@ def reference_setups(args, task: str, base, tokenizer, train, results: dict) -> 
             params = inspect.signature(TrainingArguments).parameters  # the option was renamed in transformers 5
             grouping = ({"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in params
                         else {"group_by_length": True})
-            targs = TrainingArguments(per_device_train_batch_size=bs, gradient_accumulation_steps=1, **grouping, **common)
+            targs = TrainingArguments(per_device_train_batch_size=bs, gradient_accumulation_steps=1, **grouping,
+                                      **common)
             data = Dataset.from_list(_dataset(tokenizer, encoder, train))
             trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=[timer.callback()],
                               data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8))
@@ -191,7 +193,8 @@ def config_runs(args, results: dict) -> None:
 
 def eval_setups(args, task: str, base, tokenizer, test, results: dict) -> None:
     from accelerate import Accelerator
-    from .evaluate import evaluate_examples, generate_labels
+
+    from .scoring import evaluate_examples, generate_labels
 
     cfg = _cfg(args, task)
     model = _fresh_lora(base, cfg).eval()
@@ -209,10 +212,11 @@ def eval_setups(args, task: str, base, tokenizer, test, results: dict) -> None:
         by_batch = {}
         for batch in args.eval_batch:
             for cap in args.eval_tokens or [cfg.eval.max_batch_tokens]:
-                evaluate_examples(model, encoder, test[:64], accelerator, batch, max_batch_tokens=cap)  # warm-up
+                ev = dataclasses.replace(cfg.eval, batch_size=batch, max_batch_tokens=cap)
+                evaluate_examples(model, encoder, test[:64], accelerator, ev)  # warm-up
                 torch.cuda.synchronize()
                 t = time.perf_counter()
-                evaluate_examples(model, encoder, test, accelerator, batch, max_batch_tokens=cap)
+                evaluate_examples(model, encoder, test, accelerator, ev)
                 torch.cuda.synchronize()
                 by_batch[f"{batch}/{cap}"] = time.perf_counter() - t
     batch, score_s = min(by_batch.items(), key=lambda kv: kv[1])
@@ -225,7 +229,8 @@ def eval_setups(args, task: str, base, tokenizer, test, results: dict) -> None:
 
 
 def table(results: dict) -> str:
-    lines = ["| task | setup | sequences/s | tokens/s | s/epoch | peak GiB | x (b) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| task | setup | sequences/s | tokens/s | s/epoch | peak GiB | x (b) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     names = {"a": "(a) notebook SFTTrainer", "b": "(b) Trainer, large batch"}
     for task in ("coarse", "fine"):
         bs = {r["batch"]: r["sequences_per_s"] for k, r in results.items() if k.startswith(f"{task}/b/")}
@@ -241,23 +246,29 @@ def table(results: dict) -> str:
                          f"{r['seconds_per_epoch']:.1f} | {r['peak_gib']:.1f} | {ratio} |")
             if "steady_sequences_per_s" in r:
                 ratio = f"{r['steady_sequences_per_s'] / ref:.1f}" if ref else "-"
-                extra = f", graphs {r['graph_shapes']} shapes in {r['graph_capture_seconds']:.1f} s" if r.get("cuda_graphs") else ""
+                extra = (f", graphs {r['graph_shapes']} shapes in {r['graph_capture_seconds']:.1f} s"
+                         if r.get("cuda_graphs") else "")
+                tokens_per_s = r['steady_sequences_per_s'] * results[f'{task}/mean_sequence_tokens']
                 lines.append(f"| {task} | {label}, after its first step ({r['first_step_seconds']:.1f} s{extra}) | "
-                             f"{r['steady_sequences_per_s']:.1f} | {r['steady_sequences_per_s'] * results[f'{task}/mean_sequence_tokens']:,.0f} | "
+                             f"{r['steady_sequences_per_s']:.1f} | {tokens_per_s:,.0f} | "
                              f"{r['steady_seconds_per_epoch']:.1f} | {r['peak_gib']:.1f} | {ratio} |")
         e = results.get(f"{task}/eval")
         if e:
-            lines.append(f"| {task} | eval: generate, 1 question at a time | {e['generate_questions_per_s']:.2f} q/s | | | | |")
-            lines.append(f"| {task} | eval: trec-accel scoring (batch/tokens {e['eval_batch']}), {e['n_test']} questions in {e['score_seconds_for_test']:.2f} s "
+            lines.append(f"| {task} | eval: generate, 1 question at a time | {e['generate_questions_per_s']:.2f} q/s "
+                         "| | | | |")
+            lines.append(f"| {task} | eval: trec-accel scoring (batch/tokens {e['eval_batch']}), {e['n_test']} "
+                         f"questions in {e['score_seconds_for_test']:.2f} s "
                          f"| {e['score_questions_per_s']:.0f} q/s | | | | x{e['speedup']:.0f} vs generate |")
     configs = [(k, r) for k, r in results.items() if k.startswith("config/")]
     if configs:
         lines += ["", "| config | steps | training loop s | first step s | graph capture s | peak GiB | train wall s | "
-                      "evaluate.py wall s | val acc | test acc |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                      "evaluate.py wall s | val acc | test acc |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for k, r in configs:
             lines.append(f"| {k[7:]} | {r['steps']} | {r['train_seconds']:.1f} | {r['first_step_seconds']:.1f} | "
-                         f"{r['graph_capture_seconds'] or 0:.1f} | {r['peak_gib'] or 0:.1f} | {r['train_wall_seconds']:.1f} | "
-                         f"{r['evaluate_wall_seconds']:.1f} | {r['val_accuracy'] or 0:.3f} | {r['test_accuracy']:.3f} |")
+                         f"{r['graph_capture_seconds'] or 0:.1f} | {r['peak_gib'] or 0:.1f} | "
+                         f"{r['train_wall_seconds']:.1f} | {r['evaluate_wall_seconds']:.1f} | "
+                         f"{r['val_accuracy'] or 0:.3f} | {r['test_accuracy']:.3f} |")
     return "\n".join(lines)
 
 
@@ -295,14 +306,17 @@ def main(argv=None) -> int:
         splits = load_splits(cfg.data.path, task, cfg.data.val_fraction, cfg.data.split_seed)
         if {"a", "b", "eval"} & set(args.setups) and base is None:
             from accelerate import Accelerator
+
             from .model import load_base
-            base, tokenizer, _ = load_base(cfg, Accelerator())
+            from .runtime import Runtime
+            base, tokenizer, _ = load_base(cfg, Runtime.of(Accelerator(), cfg.model.dtype))
         if tokenizer is None:
             from .model import load_tokenizer
             from .offline_models import resolve_model_path
             tokenizer = load_tokenizer(resolve_model_path(args.model))
         encoder = Encoder(tokenizer, task, cfg.data.template)
-        lens = [len(encoder.encode(e.text, e.label).prompt_ids) + len(encoder.candidates[e.label]) for e in splits["train"]]
+        lens = [len(encoder.encode(e.text, e.label).prompt_ids) + len(encoder.candidates[e.label])
+                for e in splits["train"]]
         mean_len = sum(lens) / len(lens)
         results[f"{task}/mean_sequence_tokens"] = mean_len
         results[f"{task}/prefix_tokens"] = len(encoder.prefix_ids)

@@ -6,13 +6,13 @@ without a manifest, or whose files no longer match it, is skipped on resume with
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
+
+from .files import replace_folder, sha256, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -25,23 +25,13 @@ class CheckpointError(ValueError):
     """A checkpoint named by `resume=PATH` that is missing or incomplete."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
 def write_manifest(folder: Path) -> None:
-    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)}
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(entries, indent=1))
-    os.replace(tmp, folder / MANIFEST)
+    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in _files(folder)}
+    write_atomic(folder / MANIFEST, json.dumps(entries, indent=1))
 
 
 def verify(folder: Path) -> str | None:
@@ -57,7 +47,7 @@ def verify(folder: Path) -> str | None:
         p = folder / rel
         if not p.is_file():
             return f"missing file {rel}"
-        if p.stat().st_size != want["bytes"] or _sha256(p) != want["sha256"]:
+        if p.stat().st_size != want["bytes"] or sha256(p) != want["sha256"]:
             return f"file {rel} does not match its recorded size and checksum"
     if TRAINER_STATE not in entries:
         return f"no {TRAINER_STATE}"
@@ -109,9 +99,7 @@ def save(accelerator, root: Path, step: int, trainer_state: dict, keep: int, pro
     if accelerator.is_main_process:
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
         write_manifest(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_folder(tmp, final)
         for old in checkpoints(root)[keep:]:
             if step_of(old) not in protect:
                 shutil.rmtree(old, ignore_errors=True)

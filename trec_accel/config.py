@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from .files import write_atomic
+
 
 class ConfigError(ValueError):
     """A bad config: unknown key, wrong type or impossible value. Its message is one line."""
@@ -42,10 +44,12 @@ class ModelConfig:
     double_quant: bool = _f(True, "bitsandbytes nested quantization of the 4-bit scales (saves ~0.4 bit/param).")
     dtype: str = _f("auto", "Compute dtype: bf16 where the device supports it ('auto'), else fp32.",
                     ("auto", "bf16", "fp16", "fp32"))
-    attn_implementation: str = _f("sdpa", "Attention kernel passed to from_pretrained.", ("sdpa", "eager", "flash_attention_2"))
-    cudnn_attention: bool = _f(False, "Let PyTorch's SDPA pick cuDNN attention on CUDA. Off: cuDNN builds an execution plan "
-                               "for every new input shape (2-4 s each on an H100, measured), and length-grouped training "
-                               "batches and evaluation batches keep changing shape; the other kernels run as fast here.")
+    attn_implementation: str = _f("sdpa", "Attention kernel passed to from_pretrained.",
+                                  ("sdpa", "eager", "flash_attention_2"))
+    cudnn_attention: bool = _f(False, "Let PyTorch's SDPA pick cuDNN attention on CUDA. Off: cuDNN builds an "
+                               "execution plan for every new input shape (2-4 s each on an H100, measured), and "
+                               "length-grouped training batches and evaluation batches keep changing shape; the other "
+                               "kernels run as fast here.")
     gradient_checkpointing: bool = _f(False, "Non-reentrant activation checkpointing: less memory, ~30% more compute.")
     liger_kernels: bool = _f(False, "Patch RMSNorm/RoPE/SwiGLU with Liger Triton kernels (CUDA; from the checkout: "
                              "`pip install -e '.[liger]'`): less elementwise traffic and ~1 GiB less peak memory on "
@@ -57,7 +61,8 @@ class LoraConfig:
     r: int = _f(32, "LoRA rank.")
     alpha: int = _f(16, "LoRA alpha (scale = alpha / r).")
     dropout: float = _f(0.1, "Dropout on the LoRA input.")
-    target_modules: list = _f(PROJECTIONS + ["lm_head"], "Modules that get adapters (the notebook's 7 projections + lm_head).")
+    target_modules: list = _f(PROJECTIONS + ["lm_head"],
+                              "Modules that get adapters (the notebook's 7 projections + lm_head).")
 
 
 @dataclass
@@ -87,8 +92,8 @@ class TrainConfig:
                         ("adamw", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"))
     max_grad_norm: float = _f(0.3, "Gradient clipping norm (0 = off).")
     shared_prefix: str = _f("auto", "Run the instruction shared by every example once per micro-batch and reuse its "
-                            "key/value cache. auto: on with CUDA graphs or above 2B parameters and batches of 2 or more, "
-                            "off for an eager small model (a second pass doubles its launches; measured in "
+                            "key/value cache. auto: on with CUDA graphs or above 2B parameters and batches of 2 or "
+                            "more, off for an eager small model (a second pass doubles its launches; measured in "
                             "BENCHMARKS.md). Falls back to full sequences (logged) where it cannot run.",
                             ("auto", "on", "off"))
     cuda_graphs: str = _f("auto", "Replay each micro-batch's forward and backward from a CUDA graph captured once per "
@@ -109,16 +114,19 @@ class EvalConfig:
     method: str = _f("score", "score: rank every valid label by its log-likelihood; generate: the notebook's free "
                      "greedy generation with substring matching.", ("score", "generate"))
     batch_size: int = _f(64, "Questions per scoring batch per process (at most).")
-    max_batch_tokens: int = _f(16384, "At most this many padded tokens per scoring batch, questions x (longest question "
-                               "+ label tokens): short questions go many to a batch, the long tail a few (0 = no cap).")
-    normalize: str = _f("sum", "Label score: sum of log-probs of the label tokens and EOS, or their mean.", ("sum", "mean"))
+    max_batch_tokens: int = _f(16384, "At most this many padded tokens per scoring batch, questions x (longest "
+                               "question + label tokens): short questions go many to a batch, the long tail a few "
+                               "(0 = no cap).")
+    normalize: str = _f("sum", "Label score: sum of log-probs of the label tokens and EOS, or their mean.",
+                        ("sum", "mean"))
     max_new_tokens: int = _f(10, "Generation length for method=generate.")
     max_examples: int = _f(0, "Evaluate only the first N questions (0 = all).")
 
 
 @dataclass
 class LogConfig:
-    tracker: str = _f("none", "Experiment tracker; wandb goes offline without an API key.", ("none", "wandb", "tensorboard"))
+    tracker: str = _f("none", "Experiment tracker; wandb goes offline without an API key.",
+                      ("none", "wandb", "tensorboard"))
     project: str = _f("trec-accel", "Tracker project name.")
     run_name: str = _f("", "Run name (default: the output folder's name).")
 
@@ -127,7 +135,8 @@ class LogConfig:
 class Config:
     output_dir: str = _f("runs/default", "Where config.yaml, checkpoints/, adapter/ and reports go.")
     seed: int = _f(42, "Seed for LoRA init, dropout and data order.")
-    resume: str = _f("", "'' (fresh run), 'latest' (newest complete checkpoint in output_dir, if any) or a checkpoint path.")
+    resume: str = _f("", "'' (fresh run), 'latest' (newest complete checkpoint in output_dir, if any) or a "
+                     "checkpoint path.")
     adapter: str = _f("", "Trained adapter folder to evaluate or predict with ('' = zero-shot base model).")
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -332,11 +341,7 @@ def check_output_dir(folder: str | os.PathLike) -> None:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def reference(cls=Config, prefix: str = "") -> list[tuple[str, Any, str]]:

@@ -318,7 +318,8 @@ def _load_folder(folder: Path, task: str, problems: _Problems) -> dict[str, list
     train_file = files["train"]
     if train_file is None:
         expected = ", ".join(f"train{s}" for s in TABULAR_SUFFIXES)
-        raise DataError(f"{folder}: no TREC data found; expected {LABEL_TRAIN_FILE} (+ {LABEL_TEST_FILE}) or one of {expected}")
+        raise DataError(f"{folder}: no TREC data found; expected {LABEL_TRAIN_FILE} (+ {LABEL_TEST_FILE}) "
+                        f"or one of {expected}")
     return {split: _load_tabular(file, task, problems) for split, file in files.items() if file is not None}
 
 

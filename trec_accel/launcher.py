@@ -18,8 +18,8 @@ def check_joined(accelerator) -> None:
     world = int(os.environ.get("WORLD_SIZE") or 1)
     if world > 1 and accelerator.num_processes == 1:
         raise LaunchError(
-            f"this is one of {world} processes started by a launcher, but they did not join one distributed group (does "
-            f"the launch config ask for GPUs this machine does not have?), so each would run alone in the same "
+            f"this is one of {world} processes started by a launcher, but they did not join one distributed group "
+            f"(does the launch config ask for GPUs this machine does not have?), so each would run alone in the same "
             f"output_dir; to run {world} processes on this machine's CPU: ACCELERATE_USE_CPU=1 accelerate launch -q "
             f"--config_file accelerate_configs/cpu_multiprocess.yaml --multi_gpu --num_processes {world} ...; or "
             f"launch one process (--num_processes 1)")

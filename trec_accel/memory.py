@@ -7,7 +7,6 @@ from typing import Callable
 
 import torch
 
-
 EVAL_MEMORY_SETTINGS = "a smaller eval.max_batch_tokens or eval.batch_size"
 
 
@@ -25,7 +24,8 @@ def out_of_memory(what: str, settings: str, shape: Callable[[], tuple] | None = 
         batch = ""
         if shape is not None and shape():
             b, w, k, p = shape()
-            batch = f" at a micro-batch of {b} x {w} tokens ({k} label slots" + (f", {p} shared prefix tokens)" if p else ")")
+            batch = (f" at a micro-batch of {b} x {w} tokens ({k} label slots"
+                     + (f", {p} shared prefix tokens)" if p else ")"))
         gpu = ""
         if torch.cuda.is_available():
             device = torch.cuda.current_device()

@@ -11,8 +11,8 @@ from torch import nn
 
 from .config import Config, ConfigError
 from .forward import checkpoint_layers
-from .offline_models import (BUILD_VERSION, load_tokenizer as _auto_tokenizer, offline_name, portable_name,
-                             resolve_model_path)
+from .offline_models import BUILD_VERSION, auto_tokenizer, offline_name, portable_name, resolve_model_path
+from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -25,52 +25,34 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class LoadPlan:
-    """How to load the base model under the active backend."""
-    backend: str               # single | ddp | fsdp | deepspeed
+    """How to load the base model under the run's backend."""
     quantize: bool
     dtype: torch.dtype
     device_map: dict | None    # None under FSDP / ZeRO-3: the backend places (and shards) the weights
     quant_storage: torch.dtype | None
 
 
-def backend_of(accelerator) -> str:
-    from accelerate.utils import DistributedType
-    t = accelerator.distributed_type
-    if t == DistributedType.FSDP:
-        return "fsdp"
-    if t == DistributedType.DEEPSPEED:
-        stage = accelerator.state.deepspeed_plugin.zero_stage
-        return "zero3" if stage == 3 else "deepspeed"
-    return "ddp" if accelerator.num_processes > 1 else "single"
-
-
-def load_plan(cfg: Config, accelerator) -> LoadPlan:
-    cuda = accelerator.device.type == "cuda"
+def load_plan(cfg: Config, runtime: Runtime) -> LoadPlan:
+    cuda = runtime.device.type == "cuda"
     q = cfg.model.quantization
     if q == "nf4" and not cuda:
-        raise ConfigError("model.quantization=nf4 needs a CUDA GPU (bitsandbytes 4-bit); use model.quantization=none on CPU")
+        raise ConfigError("model.quantization=nf4 needs a CUDA GPU (bitsandbytes 4-bit); "
+                          "use model.quantization=none on CPU")
     quantize = q == "nf4" or (q == "auto" and cuda)
-    name = cfg.model.dtype
-    if name == "auto":
-        name = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
-    if name == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise ConfigError("model.dtype=bf16 is not supported by this GPU; use model.dtype=fp16 or fp32")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-    backend = backend_of(accelerator)
-    sharded = backend in ("fsdp", "zero3")
+    dtype, sharded = runtime.dtype, runtime.sharded
     if sharded and cfg.train.optimizer.startswith("paged"):
-        raise ConfigError(f"train.optimizer={cfg.train.optimizer} cannot be used with {backend}: the backend shards "
-                          "optimizer state itself; use train.optimizer=adamw")
+        raise ConfigError(f"train.optimizer={cfg.train.optimizer} cannot be used with {runtime.backend}: the backend "
+                          "shards optimizer state itself; use train.optimizer=adamw")
     # Sharding backends flatten parameters of one dtype: 4-bit weights are stored in the training dtype
     # (bnb_4bit_quant_storage) and placed by the backend, not by device_map. Elsewhere the weights load
     # straight onto this process's device, where training and evaluation use them.
-    device_map = None if sharded else {"": accelerator.device}
-    return LoadPlan(backend, quantize, dtype, device_map, dtype if (quantize and sharded) else None)
+    device_map = None if sharded else {"": runtime.device}
+    return LoadPlan(quantize, dtype, device_map, dtype if (quantize and sharded) else None)
 
 
 def load_tokenizer(path: str):
     try:
-        tok = _auto_tokenizer(path)
+        tok = auto_tokenizer(path)
     except Exception as e:  # noqa: BLE001 - library errors are many and deep
         raise ModelLoadError(f"could not load the tokenizer of '{path}': {str(e).splitlines()[0]}") from None
     if tok.pad_token is None:
@@ -94,12 +76,12 @@ def model_path(cfg: Config, accelerator) -> str:
         plugin.set_deepspeed_weakref()
 
 
-def load_base(cfg: Config, accelerator):
+def load_base(cfg: Config, runtime: Runtime):
     """(base model, tokenizer, plan). No adapter yet."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    path = model_path(cfg, accelerator)
-    plan = load_plan(cfg, accelerator)
+    path = model_path(cfg, runtime.accelerator)
+    plan = load_plan(cfg, runtime)
     kwargs = dict(dtype=plan.dtype, attn_implementation=cfg.model.attn_implementation)
     if plan.quantize:
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -198,7 +180,8 @@ def write_adapter(model, lora_weights: dict, folder: Path, base_model: str) -> N
 
     from safetensors.torch import save_file
     name = model.active_adapter
-    weights = {k.replace(f".{name}", ""): v.detach().cpu().contiguous() for k, v in lora_weights.items() if "lora_" in k}
+    weights = {k.replace(f".{name}", ""): v.detach().cpu().contiguous()
+               for k, v in lora_weights.items() if "lora_" in k}
     if not weights:
         raise ValueError("no LoRA weights to save")
     config = copy.copy(model.peft_config[name])
@@ -220,11 +203,17 @@ def adapter_meta(cfg: Config, labels) -> dict:
     return meta
 
 
-def check_adapter(adapter: str, cfg: Config) -> dict:
-    """The adapter's recorded base model and task, checked against this run's config."""
+def adapter_folder(adapter: str) -> Path:
+    """The adapter's folder, which must exist."""
     folder = Path(adapter)
     if not folder.is_dir():
         raise ModelLoadError(f"adapter folder not found: {folder}")
+    return folder
+
+
+def check_adapter(adapter: str, cfg: Config) -> dict:
+    """The adapter's recorded base model and task, checked against this run's config."""
+    folder = adapter_folder(adapter)
     if not (folder / "adapter_config.json").is_file():
         raise ModelLoadError(f"{folder} is not a PEFT adapter folder (no adapter_config.json)")
     meta_path = folder / ADAPTER_META
@@ -258,11 +247,11 @@ def check_adapter_weights(model, folder: Path) -> None:
                              f"model (first: {unused[0]}); it was saved from another model or by a broken export")
 
 
-def load_for_inference(cfg: Config, accelerator, adapter: str = ""):
+def load_for_inference(cfg: Config, runtime: Runtime, adapter: str = ""):
     """(model in eval mode, tokenizer): the base model, with the trained adapter when given."""
     if adapter:
         check_adapter(adapter, cfg)
-    model, tokenizer, plan = load_base(cfg, accelerator)
+    model, tokenizer, plan = load_base(cfg, runtime)
     if adapter:
         from peft import PeftModel
         try:
@@ -271,5 +260,5 @@ def load_for_inference(cfg: Config, accelerator, adapter: str = ""):
             raise ModelLoadError(f"could not load adapter {adapter}: {str(e).splitlines()[0]}") from None
         check_adapter_weights(model, Path(adapter))
     if plan.device_map is None:
-        model = model.to(accelerator.device)
+        model = model.to(runtime.device)
     return model.eval(), tokenizer

@@ -27,7 +27,6 @@ The offline sources are PyPI packages that are located with
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import logging
 import os
@@ -37,6 +36,8 @@ import tempfile
 import time
 import warnings
 from typing import Iterator, Optional, Union
+
+from .files import replace_folder, sha256, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -181,10 +182,7 @@ def _fetch_mistral_tokenizer(dest: pathlib.Path) -> pathlib.Path:
                 f"to a copy of mistral_common/data/{MISTRAL_TOKENIZER_FILE}")
         with zipfile.ZipFile(wheels[0]) as z:
             data = z.read(f"mistral_common/data/{MISTRAL_TOKENIZER_FILE}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + f".{os.getpid()}.part")
-    part.write_bytes(data)
-    os.replace(part, dest)
+    write_atomic(dest, data)
     return dest
 
 
@@ -321,9 +319,7 @@ def materialize(name: str) -> pathlib.Path:
         logger.info("Building offline model %s into %s", name, final)
         try:
             _BUILDERS[name](tmp)
-            if final.exists():  # an incomplete folder not made by us (e.g. manual copy)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_folder(tmp, final)  # over an incomplete folder not made by us (e.g. a manual copy)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -341,7 +337,7 @@ def _raised_in_mistral_common(err: BaseException) -> bool:
     return False
 
 
-def load_tokenizer(name_or_path: PathLike, **kwargs):
+def auto_tokenizer(name_or_path: PathLike, **kwargs):
     """``AutoTokenizer.from_pretrained`` that survives a dependency-less ``mistral-common``.
 
     When ``mistral-common`` is installed with ``--no-deps`` (as this project does, since its
@@ -497,14 +493,6 @@ def build_mistral_7b_random(dest: PathLike, device: Optional[str] = None, seed: 
         torch.cuda.empty_cache()
 
 
-def _sha256(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_smollm2_tokenizer(tok, gguf: pathlib.Path) -> None:
     """Refuse a tokenizer that was not read whole from the GGUF file. Seen on the GPU host (transformers 5.17,
     tokenizers 0.23.2, numpy 2.5): no chat template, and the chat markers split into several tokens (a prompt
@@ -514,13 +502,15 @@ def check_smollm2_tokenizer(tok, gguf: pathlib.Path) -> None:
                  if len(ids := tok.encode(m, add_special_tokens=False)) != 1]
     problems += [] if tok.eos_token is not None else ["no eos token"]
     if problems:
+        from importlib.metadata import version
+
         import numpy
         import transformers
-        from importlib.metadata import version
         versions = f"transformers {transformers.__version__}, numpy {numpy.__version__}, gguf {version('gguf')}"
-        raise OfflineModelError(f"the tokenizer read from {gguf} is incomplete with {versions} ({'; '.join(problems)}): "
-                                f"build smollm2-135m-instruct on a machine where it reads whole (the tests check it) and copy "
-                                f"the folder under {cache_dir()}, or point $TREC_ACCEL_CACHE at such a copy")
+        raise OfflineModelError(f"the tokenizer read from {gguf} is incomplete with {versions} "
+                                f"({'; '.join(problems)}): build smollm2-135m-instruct on a machine where it reads "
+                                f"whole (the tests check it) and copy the folder under {cache_dir()}, or point "
+                                f"$TREC_ACCEL_CACHE at such a copy")
 
 
 def build_smollm2_from_gguf(dest: PathLike, gguf_path: Optional[PathLike] = None) -> None:
@@ -533,10 +523,10 @@ def build_smollm2_from_gguf(dest: PathLike, gguf_path: Optional[PathLike] = None
         raise OfflineModelError("Reading GGUF files with transformers needs the gguf package: pip install gguf")
     if gguf.name == SMOLLM2_GGUF_NAME:
         size = gguf.stat().st_size
-        if size != SMOLLM2_GGUF_SIZE or _sha256(gguf) != SMOLLM2_GGUF_SHA256:
+        if size != SMOLLM2_GGUF_SIZE or sha256(gguf) != SMOLLM2_GGUF_SHA256:
             warnings.warn(
                 f"{gguf} ({size} bytes) does not match the expected {SMOLLM2_GGUF_NAME} "
-                f"({SMOLLM2_GGUF_SIZE} bytes, sha256 {SMOLLM2_GGUF_SHA256}); truncated copy?"
+                f"({SMOLLM2_GGUF_SIZE} bytes, sha256 {SMOLLM2_GGUF_SHA256}); truncated copy?", stacklevel=2
             )
     dest = pathlib.Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -587,7 +577,7 @@ __all__ = [
     "portable_name",
     "resolve_model_path",
     "materialize",
-    "load_tokenizer",
+    "auto_tokenizer",
     "load_mistral_tokenizer",
     "mistral_tokenizer_file",
     "smollm2_gguf_file",

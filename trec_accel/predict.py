@@ -21,8 +21,11 @@ import sys
 from pathlib import Path
 from typing import Sequence, TextIO
 
+from .batching import Encoder
 from .config import Config, ConfigError, load_config, reference_markdown
-from .evaluate import EvalError
+from .model import adapter_folder, context_length, load_for_inference
+from .runtime import start
+from .scoring import EvalError, score_prompts, shared_prefix, uses_shared_prefix
 
 # `key=value` overrides are dotted identifiers followed by '='; anything else is a question.
 _OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
@@ -66,8 +69,6 @@ def parse(argv: Sequence[str] | None):
 
 def resolve_config(config: str | None, overrides: Sequence[str]) -> Config:
     """--config (or the adapter's config.yaml) with the overrides; model/task/template from the adapter."""
-    from .model import ModelLoadError
-
     adapter = ""
     for o in overrides:
         key, _, value = o.partition("=")
@@ -75,9 +76,7 @@ def resolve_config(config: str | None, overrides: Sequence[str]) -> Config:
             adapter = value
     own = None
     if adapter:
-        folder = Path(adapter)
-        if not folder.is_dir():
-            raise ModelLoadError(f"adapter folder not found: {folder}")
+        folder = adapter_folder(adapter)
         if (folder / "config.yaml").is_file():
             own = folder / "config.yaml"
     if config is None:
@@ -120,15 +119,14 @@ def read_questions(questions: Sequence[str], file: str | None, stdin: TextIO) ->
 
 def predict(model, encoder, questions: Sequence[str], batch_size: int, normalize: str = "sum") -> list[dict]:
     """One row per question: question, label, score (of the label), scores (every label's)."""
-    from .evaluate import score_prompts, shared_prefix
-
     encs = [encoder.encode(q) for q in questions]
     encoder.count_shortened(encs, "questions")
-    prefix = shared_prefix(model, encoder) if all(encoder.shares_prefix(e) for e in encs) else None
+    prefix = shared_prefix(model, encoder) if uses_shared_prefix(encoder, encs) else None
     rows = []
     for i in range(0, len(questions), max(1, batch_size)):
         chunk = questions[i : i + batch_size]
-        scores = score_prompts(model, encoder, [e.prompt_ids for e in encs[i : i + batch_size]], prefix, normalize).cpu()
+        prompts = [e.prompt_ids for e in encs[i : i + batch_size]]
+        scores = score_prompts(model, encoder, prompts, prefix, normalize).cpu()
         for q, sc in zip(chunk, scores):
             k = int(sc.argmax())
             rows.append({"question": q, "label": encoder.labels[k], "score": round(float(sc[k]), 4),
@@ -144,18 +142,14 @@ def format_rows(rows: Sequence[dict], as_json: bool) -> str:
 
 def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> list[dict]:
     """The script's body: parse, read the questions, load the model once, score, print."""
-    from .batching import Encoder
-    from .model import context_length, load_for_inference
-    from .train import make_accelerator
-
     args, cfg, _, given = parse(argv)
     questions = read_questions(given, args.file, stdin or sys.stdin)
-    accelerator = make_accelerator(cfg)
-    if accelerator.num_processes > 1 and not accelerator.is_main_process:
+    runtime = start(cfg)
+    if not runtime.is_main:
         return []  # prediction runs on one process
-    model, tokenizer = load_for_inference(cfg, accelerator, cfg.adapter)
+    model, tokenizer = load_for_inference(cfg, runtime, cfg.adapter)
     encoder = Encoder(tokenizer, cfg.data.task, cfg.data.template, context_length(model))
-    with accelerator.autocast():
+    with runtime.accelerator.autocast():
         rows = predict(model, encoder, questions, cfg.eval.batch_size, cfg.eval.normalize)
     out = stdout or sys.stdout
     out.write(format_rows(rows, args.json))

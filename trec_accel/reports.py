@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -41,6 +39,8 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
+from .files import atomic_file, write_atomic
+
 __all__ = [
     "compute_metrics",
     "format_report",
@@ -48,6 +48,7 @@ __all__ = [
     "plot_training_curves",
     "write_json",
     "write_jsonl",
+    "log_to_trackers",
 ]
 
 # Above this many labels, plot_confusion_matrix drops absent labels by default.
@@ -86,24 +87,8 @@ def compute_metrics(gold: Sequence[int], pred: Sequence[int], labels: Sequence[s
       taken over (occur in gold or pred), in ``labels`` order.
     * ``n`` -- number of evaluated items.
     """
-    labels = [str(x) for x in labels]
-    n_labels = len(labels)
-    if n_labels == 0:
-        raise ValueError("labels must not be empty")
-    if len(set(labels)) != n_labels:
-        raise ValueError("label names must be unique")
-    y_true = np.asarray(list(gold), dtype=np.int64).reshape(-1)
-    y_pred = np.asarray(list(pred), dtype=np.int64).reshape(-1)
-    if y_true.shape != y_pred.shape:
-        raise ValueError(f"gold and pred differ in length: {y_true.size} vs {y_pred.size}")
-    if y_true.size == 0:
-        raise ValueError("cannot compute metrics on an empty evaluation set")
-    for name, arr in (("gold", y_true), ("pred", y_pred)):
-        bad = arr[(arr < 0) | (arr >= n_labels)]
-        if bad.size:
-            raise ValueError(f"{name} contains ids outside range({n_labels}): {sorted(set(bad.tolist()))[:10]}")
-
-    all_ids = list(range(n_labels))
+    labels, y_true, y_pred = _checked_ids(gold, pred, labels)
+    all_ids = list(range(len(labels)))
     present = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
 
     cm = confusion_matrix(y_true, y_pred, labels=all_ids)
@@ -142,6 +127,27 @@ def compute_metrics(gold: Sequence[int], pred: Sequence[int], labels: Sequence[s
         "present_labels": [labels[i] for i in present],
         "n": int(y_true.size),
     }
+
+
+def _checked_ids(gold: Sequence[int], pred: Sequence[int], labels: Sequence[str]):
+    """(label names, gold ids, predicted ids) as arrays, or ValueError saying what is wrong with them."""
+    labels = [str(x) for x in labels]
+    n_labels = len(labels)
+    if n_labels == 0:
+        raise ValueError("labels must not be empty")
+    if len(set(labels)) != n_labels:
+        raise ValueError("label names must be unique")
+    y_true = np.asarray(list(gold), dtype=np.int64).reshape(-1)
+    y_pred = np.asarray(list(pred), dtype=np.int64).reshape(-1)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"gold and pred differ in length: {y_true.size} vs {y_pred.size}")
+    if y_true.size == 0:
+        raise ValueError("cannot compute metrics on an empty evaluation set")
+    for name, arr in (("gold", y_true), ("pred", y_pred)):
+        bad = arr[(arr < 0) | (arr >= n_labels)]
+        if bad.size:
+            raise ValueError(f"{name} contains ids outside range({n_labels}): {sorted(set(bad.tolist()))[:10]}")
+    return labels, y_true, y_pred
 
 
 def _present_indices(metrics: Mapping[str, Any]) -> list[int]:
@@ -270,7 +276,8 @@ def _new_figure(figsize: tuple[float, float]):
 
 
 def _save_figure(fig, path, dpi: int = 100) -> None:
-    _atomic_write(path, "wb", lambda fh: fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight"))
+    with atomic_file(path, binary=True) as fh:
+        fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight")
 
 
 def plot_confusion_matrix(
@@ -315,7 +322,8 @@ def plot_confusion_matrix(
     ax.set_xlabel("Predicted")
     ax.set_ylabel("Gold")
     if title is None:
-        title = f"Confusion matrix (n={metrics.get('n', int(sub.sum()))}, acc={metrics.get('accuracy', float('nan')):.3f})"
+        n, acc = metrics.get('n', int(sub.sum())), metrics.get('accuracy', float('nan'))
+        title = f"Confusion matrix (n={n}, acc={acc:.3f})"
         if len(names) < len(labels):
             title += f"\n{len(labels) - len(names)} absent label(s) not shown"
     ax.set_title(title)
@@ -430,39 +438,28 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
 
 
-def _atomic_write(path, mode: str, write) -> None:
-    """`write(file)` into a temporary file beside `path`, then rename: readers never see a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _atomic_write_text(path, text: str) -> None:
-    _atomic_write(path, "w", lambda fh: fh.write(text))
-
-
 def write_json(obj: Any, path) -> None:
     """Atomically write ``obj`` as indented JSON (temp file + ``os.replace``).
 
     numpy scalars/arrays and ``Path`` objects are converted; parent
     directories are created.
     """
-    _atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n")
 
 
 def write_jsonl(rows: Iterable[Any], path) -> None:
     """Atomically write ``rows`` as JSON Lines (one compact object per line)."""
     text = "".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in rows)
-    _atomic_write_text(path, text)
+    write_atomic(path, text)
+
+
+def log_to_trackers(accelerator, metrics: dict, png: Path, step: int, prefix: str = "val") -> None:
+    """W&B's extras beside the scalars every tracker gets: a per-class table and the confusion-matrix image."""
+    if not accelerator.is_main_process or not any(t.name == "wandb" for t in accelerator.trackers):
+        return
+    import wandb
+    run = accelerator.get_tracker("wandb", unwrap=True)
+    table = wandb.Table(columns=["label", "precision", "recall", "f1", "support", "accuracy"],
+                        data=[[k, v["precision"], v["recall"], v["f1"], v["support"], v["accuracy"]]
+                              for k, v in metrics["per_class"].items()])
+    run.log({f"{prefix}/per_class": table, f"{prefix}/confusion_matrix": wandb.Image(str(png))}, step=step)
