@@ -61,10 +61,9 @@ def load_tokenizer(path: str):
 
 
 def model_path(cfg: Config, accelerator) -> str:
-    """`model.name` as something from_pretrained loads. A built-in offline model is built on first use, and
-    outside ZeRO-3's partitioned initialisation: on the GPU host, building SmolLM2 from its GGUF inside a
-    ZeRO-3 launch failed in load_state_dict. (accelerate's `zero3_init_context_manager(enable=False)` leaves
-    Transformers' ZeRO-3 switch on, so the switch itself is turned off and back on.)"""
+    """`model.name` as something from_pretrained loads. A built-in offline model is built on first use with
+    ZeRO-3's partitioned initialisation off (its builder loads whole state dicts); Transformers' own ZeRO-3
+    switch is turned off and back on, since accelerate's `zero3_init_context_manager(enable=False)` leaves it on."""
     from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None or not is_deepspeed_zero3_enabled():
@@ -154,9 +153,8 @@ def fsdp_lora_state_dict(root: nn.Module) -> dict:
     """The LoRA weights of an FSDP-1 wrapped model, whole, on every process (all must call it).
 
     Each LoRA layer is an FSDP unit of its own (peft's wrap policy), so the units are gathered one at a
-    time, never the 4-bit base; names are those of the unwrapped module. Used instead of FSDP's
-    FULL_STATE_DICT, which gathers the whole model and failed outright on 2 CPU processes. (The untrained-like
-    FSDP adapters seen on GPUs came from peft's saving, not from this gather: see `write_adapter`.)
+    time, never the 4-bit base; names are those of the unwrapped module. FSDP's FULL_STATE_DICT would gather
+    the whole model, and fails on CPU processes (gloo).
     """
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     out = {}
@@ -172,9 +170,8 @@ def write_adapter(model, lora_weights: dict, folder: Path, base_model: str) -> N
     `model.named_parameters()` (".default." included), naming `base_model` as its base (peft would name the
     folder the model was loaded from: for a built-in offline model, a cache path of this machine).
 
-    The weights file is written here rather than by peft's `save_pretrained(state_dict=...)`: on the GPU
-    host, with FSDP units nested inside the model, peft kept only the lm_head's LoRA weights of the 30 it
-    was given, and the saved adapter scored like the untrained model (BENCHMARKS.md).
+    The weights file is written here, every weight given, rather than by peft's `save_pretrained(state_dict=...)`,
+    which keeps only some of them when FSDP units are nested inside the model (BENCHMARKS.md, "Several GPUs").
     """
     import copy
 
