@@ -44,7 +44,7 @@ def main() -> int:
     enc = Encoder(tok, cfg.data.task, cfg.data.template)
     train = load_splits(cfg.data.path, cfg.data.task, cfg.data.val_fraction, cfg.data.split_seed)["train"]
     encs = sorted((enc.encode(e.text, e.label) for e in train[: 8 * args.batch]), key=lambda e: len(e.prompt_ids))
-    slots = max(len(c) for c in enc.candidates)
+    slots = enc.longest_label
     # Pairs of batches of one shape: the graph is captured on the first and replayed on the second.
     batches = [collate(encs[i : i + args.batch], tok.pad_token_id, enc.prefix_ids, slots, 64)
                for i in range(0, len(encs), args.batch)]

@@ -83,7 +83,7 @@ def main():
     shared = decide_shared_prefix(cfg.train.shared_prefix, runtime.backend, args.batch, graphs.on, total, 0)
     print(f"CUDA graphs: {graphs}; shared prefix: {shared}")
     step_fn = TrainStep(lm, acc, params, graphs.on)
-    b, slots = args.batch, max(len(c) for c in enc.candidates)
+    b, slots = args.batch, enc.longest_label
     batches = [collate([encs[j] for j in order[i * b:(i + 1) * b]], tok.pad_token_id,
                        enc.prefix_ids if shared.on else None, slots, cfg.train.pad_multiple) for i in range(args.steps)]
 

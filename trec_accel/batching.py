@@ -57,11 +57,11 @@ class Encoder:
                                             for i in range(len(self.labels))]
         self.trie = LabelTrie(self.candidates)
         self.max_length = max_length
-        self.room = max(len(c) for c in self.candidates)  # tokens that follow a prompt: the longest label
+        self.longest_label = max(len(c) for c in self.candidates)  # tokens after a prompt, at most
         if max_length is not None and not self._fits(bare := self._encode("", None)):
             raise PromptTokenError(f"the prompt without a question and the longest label take "
-                                   f"{len(bare.prompt_ids) + self.room} tokens, more than the model's context of "
-                                   f"{max_length}: use a model with a longer context")
+                                   f"{len(bare.prompt_ids) + self.longest_label} tokens, more than the model's "
+                                   f"context of {max_length}: use a model with a longer context")
 
     def _tokens(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
@@ -81,7 +81,7 @@ class Encoder:
         return dataclasses.replace(self._encode(question[:keep], label), shortened=True)
 
     def _fits(self, enc: Encoded) -> bool:
-        return len(enc.prompt_ids) + self.room <= self.max_length
+        return len(enc.prompt_ids) + self.longest_label <= self.max_length
 
     def count_shortened(self, encoded: Sequence[Encoded], what: str, warn: bool = True) -> int:
         """How many of `encoded` had their question cut to fit; said in a warning (where `warn`) when any was."""

@@ -309,7 +309,7 @@ class TrainRecipe:
         self.step_fn = TrainStep(self.loss_model, self.accelerator, self.params, self.graphs.on)
         self.flops = ModelFlops(*parts(self.accelerator.unwrap_model(self.loss_model).model))
         self.peak = peak_flops(device)
-        self.label_slots = max(len(c) for c in self.encoder.candidates)  # a fixed K: batch shapes repeat
+        self.label_slots = self.encoder.longest_label  # a fixed K: batch shapes repeat
         self.clock = TrainClock(device)
         self.grad_norm = None
         self.tokens_seen, self.flops_seen, self.sequences = 0, 0.0, 0
