@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """On a CUDA GPU: a training step replayed from a CUDA graph computes what the eager step computes.
 
-For each micro-batch, the same weights, the gradients of the eager step and of the graph step (captured on a
-first batch of the same shape, replayed on this one) are compared by ||graph - eager|| / ||eager||, with the
-summed loss. Dropout is off so that both draw nothing at random.
+For each micro-batch, the same weights, the gradients of the eager step and of the graph step (replayed from the
+graph of its shape, after the eager first pass that every shape gets) are compared by ||graph - eager|| /
+||eager||, with the summed loss. Dropout is off so that both draw nothing at random.
 
     python scripts/check_graphs.py --config configs/smollm2_coarse.yaml [key=value ...]
 """
@@ -45,12 +45,14 @@ def main() -> int:
     train = load_splits(cfg.data.path, cfg.data.task, cfg.data.val_fraction, cfg.data.split_seed)["train"]
     encs = sorted((enc.encode(e.text, e.label) for e in train[: 8 * args.batch]), key=lambda e: len(e.prompt_ids))
     slots = enc.longest_label
-    # Pairs of batches of one shape: the graph is captured on the first and replayed on the second.
+    # Widths padded to 64: few shapes, several batches of each.
     batches = [collate(encs[i : i + args.batch], tok.pad_token_id, enc.prefix_ids, slots, 64)
                for i in range(0, len(encs), args.batch)]
     eager, graphed = TrainStep(lm, acc, params, False), TrainStep(lm, acc, params, True)
     for w in params:  # one set of gradient tensors, zeroed in place: the graphs write into these
         w.grad = torch.zeros_like(w)
+    for batch in batches:  # a shape's first micro-batch runs eagerly: below, every graphed step is a replay
+        graphed(batch, 0.0)
     worst = 0.0
     for batch in batches:
         results = []
@@ -65,7 +67,11 @@ def main() -> int:
         print(f"batch {tuple(batch.input_ids.shape)}: loss eager {le:.6f} graph {lg:.6f}, "
               f"gradient relative difference {rel:.2e}")
     print(f"graphs captured: {len(graphed.graphs)}; worst gradient relative difference {worst:.2e}")
-    return 0 if graphed.graphs and worst < 2e-2 else 1
+    # fp32 must agree to rounding; bf16 differs by kernel choices and the non-deterministic attention backward
+    # (eager against eager in bf16 differs as much: BENCHMARKS.md).
+    tolerance = 1e-4 if cfg.model.dtype == "fp32" else 5e-2
+    print(f"tolerance ({cfg.model.dtype}): {tolerance:.0e}")
+    return 0 if graphed.graphs and worst < tolerance else 1
 
 
 if __name__ == "__main__":

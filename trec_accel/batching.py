@@ -144,28 +144,28 @@ class LabelTrie:
         self.lengths = torch.tensor([len(c) for c in candidates], dtype=torch.float32)
 
 
-def tree_batch(trie: LabelTrie, prompts: Sequence[list[int]], p: int, pad_id: int):
-    """Inputs, positions and the tree mask for scoring every candidate after each prompt.
+def tree_batch(trie: LabelTrie, prompts: Sequence[list[int]], p: int, pad_id: int, device=None):
+    """Inputs, positions and the tree mask for scoring every candidate after each prompt, on `device`.
 
     `prompts` are the per-question tokens after the shared prefix of length `p` (p = 0: whole prompts).
     A row holds the question padded to the batch's longest (m tokens), then the trie's nodes, each at the
     position it would have right after its own question and attending to the prompt and its ancestors.
+    The mask (B, 1, m + k, p + m + k) is built where it is used: on the CPU it cost more than the forward pass.
     """
-    n = torch.tensor([len(q) for q in prompts])
-    m, b, k = int(n.max()), len(prompts), len(trie.tokens)
-    ids = torch.full((b, m + k), pad_id, dtype=torch.long)
-    for i, q in enumerate(prompts):
-        ids[i, : len(q)] = torch.tensor(q)
-    ids[:, m:] = torch.tensor(trie.tokens, dtype=torch.long)
-    depth = torch.tensor(trie.depth)
-    pos = torch.cat([torch.arange(m).expand(b, m), n[:, None] + depth[None] - 1], 1) + p
-    r = torch.arange(m)
+    lengths = [len(q) for q in prompts]
+    m, b, k = max(lengths), len(prompts), len(trie.tokens)
+    ids = torch.tensor([q + [pad_id] * (m - len(q)) + trie.tokens for q in prompts], dtype=torch.long).to(device)
+    n = torch.tensor(lengths, device=device)
+    depth = torch.tensor(trie.depth, device=device)
+    pos = torch.cat([torch.arange(m, device=device).expand(b, m), n[:, None] + depth[None] - 1], 1) + p
+    r = torch.arange(m, device=device)
     real = r[None, :] < n[:, None]                                          # (B, m) question tokens, not padding
     # Question rows: causal over real tokens; a padding row sees itself only (its output is never used).
     q_rows = (r[None, :, None] >= r[None, None, :]) & (real[:, None, :] | (r[:, None] == r[None, :])[None])
-    node_rows = torch.cat([real[:, None, :].expand(b, k, m), trie.ancestor.expand(b, k, k)], 2)
-    q_rows = torch.cat([q_rows, torch.zeros((b, m, k), dtype=torch.bool)], 2)
-    allow = torch.cat([torch.ones((b, m + k, p), dtype=torch.bool), torch.cat([q_rows, node_rows], 1)], 2)
+    node_rows = torch.cat([real[:, None, :].expand(b, k, m), trie.ancestor.to(device).expand(b, k, k)], 2)
+    q_rows = torch.cat([q_rows, torch.zeros((b, m, k), dtype=torch.bool, device=device)], 2)
+    allow = torch.cat([torch.ones((b, m + k, p), dtype=torch.bool, device=device),
+                       torch.cat([q_rows, node_rows], 1)], 2)
     return ids, pos, allow.unsqueeze(1), n
 
 

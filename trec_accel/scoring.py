@@ -61,8 +61,7 @@ def score_prompts(model, encoder: Encoder, prompts: Sequence[list[int]], prefix:
     device = next(p for p in model.parameters()).device
     trie = encoder.trie
     p = prefix.length if prefix is not None else 0
-    ids, pos, allow, n = (t.to(device) for t in tree_batch(trie, [q[p:] for q in prompts], p,
-                                                            encoder.tokenizer.pad_token_id))
+    ids, pos, allow, n = tree_batch(trie, [q[p:] for q in prompts], p, encoder.tokenizer.pad_token_id, device)
     if getattr(decoder.config, "_attn_implementation", "sdpa") == "flash_attention_2":
         raise EvalError("eval.method=score needs a tree-shaped attention mask, which FlashAttention-2 cannot take: "
                         "set model.attn_implementation=sdpa")

@@ -4,9 +4,11 @@ and the two per-run decisions behind it (CUDA graphs, shared prefix).
 At 135M parameters an eager step is thousands of small kernels, each dispatched from Python: it cost
 0.3-0.45 s on an H100 whatever the batch (BENCHMARKS.md). A CUDA graph records the kernels of one batch
 shape once and replays them with one call. Batches are padded to a multiple of `train.pad_multiple` tokens
-so that shapes repeat; each new shape costs one eager warm-up pass and a capture, reported as
-`graph_capture_seconds`. Gradients accumulate in place in `.grad` tensors that never move, so graphs of
-different shapes can follow each other within one optimizer step.
+so that shapes repeat. A shape's first micro-batch runs eagerly, on a side stream: a real step that is also the
+warm-up a capture needs (lazy initialisation, kernel choices). Its second is captured, then replayed, and so
+are all later ones: a shape seen once costs no capture, and no pass is spent on warm-up alone. Capturing is
+reported as `graph_capture_seconds`. Gradients accumulate in place in `.grad` tensors that never move, so
+graphs of different shapes and eager passes can follow each other within one optimizer step.
 """
 from __future__ import annotations
 
@@ -108,6 +110,8 @@ class TrainStep:
         self.loss_model, self.accelerator, self.params = loss_model, accelerator, params
         self.graphs_on = graphs
         self.graphs: dict[tuple, _Graph] = {}
+        self.seen: set[tuple] = set()  # shapes run once, eagerly: the next micro-batch of such a shape is captured
+        self.side = torch.cuda.Stream(accelerator.device) if graphs else None
         self.pool = None
         self.capture_seconds = 0.0
         self.last_shape: tuple = ()
@@ -119,6 +123,9 @@ class TrainStep:
 
     def __call__(self, batch: Batch, scale: float) -> torch.Tensor:
         self.last_shape = batch.shape
+        if self.graphs_on and batch.shape not in self.seen:
+            self.seen.add(batch.shape)
+            return self._eager_on_side_stream(batch, scale)
         if self.graphs_on:
             try:
                 return self._replay(batch, scale)
@@ -130,9 +137,20 @@ class TrainStep:
                 log.warning("CUDA graphs: the first capture failed at %s (%s: %s); training runs eagerly",
                             _where(e), type(e).__name__, str(e).splitlines()[0] if str(e) else "")
                 self.graphs_on = False
+        return self._eager(batch, scale)
+
+    def _eager(self, batch: Batch, scale: float) -> torch.Tensor:
         loss_sum, _ = batch_loss(self.loss_model, batch.to(self.accelerator.device))
         self.accelerator.backward(loss_sum * scale)
         return loss_sum.detach()
+
+    def _eager_on_side_stream(self, batch: Batch, scale: float) -> torch.Tensor:
+        current = torch.cuda.current_stream(self.accelerator.device)
+        self.side.wait_stream(current)
+        with torch.cuda.stream(self.side):
+            loss = self._eager(batch, scale)
+        current.wait_stream(self.side)
+        return loss
 
     def _replay(self, batch: Batch, scale: float) -> torch.Tensor:
         g = self.graphs.get(batch.shape) or self._capture(batch)
@@ -155,24 +173,11 @@ class TrainStep:
         for p in self.params:  # backward must add into existing tensors, so that graphs can accumulate
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        saved = [p.grad.clone() for p in self.params]
         static = batch.to(device)
         scale = torch.zeros((), device=device)
-        try:
-            # One eager pass on a side stream first: lazy initialisation (cuBLAS workspaces, kernel choices)
-            # must not happen inside the capture.
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                self._forward_backward(static, scale)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                loss = self._forward_backward(static, scale)
-        finally:
-            with torch.no_grad():  # the warm-up's gradients were scaled by 0, but leave them exactly as they were
-                for p, g in zip(self.params, saved):
-                    p.grad.copy_(g)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):  # records the kernels without running them
+            loss = self._forward_backward(static, scale)
         self.pool = graph.pool()
         g = _Graph(graph, static.tensors(), scale, loss)
         self.graphs[batch.shape] = g
