@@ -7,6 +7,7 @@ from trec_accel.config import load_config
 from trec_accel.loss import LabelLoss, batch_loss
 from trec_accel.model import add_lora, prepare_for_training
 from trec_accel.scoring import score_prompts, shared_prefix
+from trec_accel.task import BUILTIN, COARSE
 
 QUESTIONS = ["Who wrote Hamlet ?", "How many legs does a spider have ?", "What is a sonnet ?",
              "What does NASA stand for ?", "Where is the highest waterfall in the United States ?"]
@@ -48,7 +49,7 @@ def grads(model, loss_model, batch):
 
 @pytest.mark.parametrize("task", ["coarse", "fine"])
 def test_shared_prefix_matches_full_sequences(lora_model, checkpointed_model, tokenizer, task):
-    enc = Encoder(tokenizer, task, "notebook")
+    enc = Encoder(tokenizer, BUILTIN[task], "notebook")
     exs = [enc.encode(q, i % len(enc.labels)) for i, q in enumerate(QUESTIONS)]
     loss_model = LabelLoss(lora_model).train()
     plain_loss, plain = grads(lora_model, loss_model, collate(exs, tokenizer.pad_token_id))
@@ -69,7 +70,7 @@ def test_shared_prefix_matches_full_sequences(lora_model, checkpointed_model, to
 @pytest.mark.parametrize("task", ["coarse", "fine"])
 @pytest.mark.parametrize("shared", [True, False])
 def test_tree_scores_match_one_sequence_per_candidate(lora_model, tokenizer, task, shared):
-    enc = Encoder(tokenizer, task, "notebook")
+    enc = Encoder(tokenizer, BUILTIN[task], "notebook")
     lora_model.eval()
     prompts = [enc.encode(q).prompt_ids for q in QUESTIONS]
     prefix = shared_prefix(lora_model, enc) if shared else None
@@ -92,7 +93,7 @@ def test_cache_interface(lora_model, tokenizer):
     the returned cache's `layers`, each layer's `keys` / `values` (batch, kv heads, length, head dim), and
     `update(key_states, value_states, layer_idx, ...)` called once per attention layer and pass."""
     from trec_accel.forward import SharedPrefix, hidden_states, parts
-    enc = Encoder(tokenizer, "coarse", "notebook")
+    enc = Encoder(tokenizer, COARSE, "notebook")
     decoder, _ = parts(lora_model)
     cfg = decoder.config
     with torch.no_grad():

@@ -13,6 +13,7 @@ import pytest
 from trec_accel.batching import Encoder
 from trec_accel.model import load_tokenizer
 from trec_accel.offline_models import OfflineModelError, resolve_model_path
+from trec_accel.task import BUILTIN
 
 PINNED = json.loads((Path(__file__).parent / "data" / "pinned_prompts.json").read_text())
 
@@ -31,13 +32,9 @@ def tokenizers():
     return get
 
 
-def task_of(name):
-    return name
-
-
 @pytest.mark.parametrize("case", PINNED["cases"], ids=lambda c: f"{c['model']}-{c['template']}-{c['task']}")
 def test_builtin_prompts_and_token_ids_are_unchanged(case, tokenizers):
-    enc = Encoder(tokenizers(case["model"]), task_of(case["task"]), case["template"])
+    enc = Encoder(tokenizers(case["model"]), BUILTIN[case["task"]], case["template"])
     assert enc.prefix_ids == case["prefix_ids"]
     assert enc.candidates == case["candidates"]
     for q, want in zip(PINNED["questions"], case["prompts"]):

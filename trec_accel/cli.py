@@ -32,8 +32,9 @@ def expected_errors() -> tuple[type[Exception], ...]:
     from .memory import OutOfMemory
     from .model import ModelLoadError
     from .offline_models import OfflineModelError
+    from .task import TaskError
     return (CheckpointError, ConfigError, DataError, EvalError, LaunchError, ModelLoadError, OfflineModelError,
-            OutOfMemory, PromptTokenError)
+            OutOfMemory, PromptTokenError, TaskError)
 
 
 def main(body: Callable[[], object]) -> int:
