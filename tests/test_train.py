@@ -108,7 +108,7 @@ def test_script_trains_and_writes_a_loadable_adapter(tmp_path, toy_data, tiny_mo
     assert not (out / "adapter.tmp").exists()
     meta = read_json(adapter / "trec_accel.json")
     assert meta["model"] == "tiny-random-mistral" and meta["task"] == COARSE.to_dict()
-    assert [label if isinstance(label, str) else next(iter(label)) for label in meta["task"]["labels"]] == \
+    assert [label if isinstance(label, str) else label["name"] for label in meta["task"]["labels"]] == \
         ["ABBR", "ENTY", "DESC", "HUM", "LOC", "NUM"]
     assert load_config(adapter / "config.yaml") == want
 

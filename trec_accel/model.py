@@ -223,6 +223,17 @@ def adapter_folder(adapter: str) -> Path:
     return folder
 
 
+def adapter_config(overrides) -> Path | None:
+    """The training config saved in the adapter folder that an `adapter=DIR` override names, where there is one."""
+    adapter = ""
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key == "adapter":
+            adapter = value
+    own = adapter_folder(adapter) / "config.yaml" if adapter else None
+    return own if own is not None and own.is_file() else None
+
+
 def check_adapter(adapter: str, cfg: Config) -> dict:
     """The adapter's recorded metadata, its base model and task checked against this run's config."""
     folder = adapter_folder(adapter)
@@ -240,7 +251,7 @@ def check_adapter(adapter: str, cfg: Config) -> dict:
     trained, task = adapter_task(meta, folder), load_task(cfg.data.task)
     if trained is not None and trained != task:
         hint = f"set data.task={trained.name}" if trained.name in BUILTIN else \
-            f"set data.task to the task in {folder / ADAPTER_META}, or give no data.task to scripts/predict.py"
+            f"set data.task to the task in {folder / ADAPTER_META}, or leave out --config to use the adapter's own"
         other = f"another {task.name} task (its labels or instruction differ)" if trained.name == task.name else \
             task.name
         raise ModelLoadError(f"adapter {folder} was trained for the {trained.name} task, not {other}: {hint}")

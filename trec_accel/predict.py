@@ -23,7 +23,7 @@ from typing import Sequence, TextIO
 
 from .batching import Encoder
 from .config import Config, ConfigError, load_config, reference_markdown
-from .model import adapter_folder, context_length, load_for_inference
+from .model import adapter_config, context_length, load_for_inference
 from .runtime import start
 from .scoring import EvalError, score_prompts, shared_prefix, uses_shared_prefix
 from .task import load_task
@@ -70,16 +70,7 @@ def parse(argv: Sequence[str] | None):
 
 def resolve_config(config: str | None, overrides: Sequence[str]) -> Config:
     """--config (or the adapter's config.yaml) with the overrides; model/task/template from the adapter."""
-    adapter = ""
-    for o in overrides:
-        key, _, value = o.partition("=")
-        if key == "adapter":
-            adapter = value
-    own = None
-    if adapter:
-        folder = adapter_folder(adapter)
-        if (folder / "config.yaml").is_file():
-            own = folder / "config.yaml"
+    own = adapter_config(overrides)
     if config is None:
         return load_config(own, overrides)
     cfg = load_config(config, overrides)

@@ -7,8 +7,9 @@ file (YAML, its path relative to the working directory, like `data.path`), or th
     name: pedalo_support            # optional: default the file's name
     instruction: Classify ...       # optional: default written from the labels (`default_instruction`)
     labels:                         # at least 2, in id order
-      - billing: questions about charges on the account    # a label with its one-line description
-      - account access                                      # a label alone
+      - name: billing               # a label with its one-line description
+        description: charges, invoices, payment methods, prices
+      - account access              # a label alone
 
 `Task.to_dict` writes this mapping (the instruction included), which is what adapters record.
 """
@@ -25,6 +26,7 @@ import yaml
 from .labels import COARSE_DESCRIPTIONS, COARSE_INSTRUCTION, COARSE_LABELS, FINE_INSTRUCTION, FINE_LABELS
 
 KEYS = ("name", "instruction", "labels")
+LABEL_KEYS = ("name", "description")
 
 
 class TaskError(ValueError):
@@ -48,7 +50,8 @@ class Task:
 
     def to_dict(self) -> dict:
         """The task as a task file holds it, instruction included."""
-        labels = [name if d is None else {name: d} for name, d in zip(self.labels, self.descriptions)]
+        labels = [name if d is None else {"name": name, "description": d}
+                  for name, d in zip(self.labels, self.descriptions)]
         return {"name": self.name, "instruction": self.instruction, "labels": labels}
 
     def spec(self) -> str | dict:
@@ -122,21 +125,23 @@ def _one_line(value: Any, what: str, where: str) -> str:
 
 
 def _labels(items: Any, where: str) -> tuple[tuple[str, ...], tuple[str | None, ...]]:
-    """(names, descriptions) of a task's `labels` list: each item a name, or a one-entry mapping name: description."""
+    """(names, descriptions) of a task's `labels` list: each item a name, or a mapping with a name and optionally
+    a description."""
     if not isinstance(items, list):
-        raise TaskError(f"{where}: 'labels' must be a list of label names (each optionally 'name: description'), "
-                        f"got {items!r}")
+        raise TaskError(f"{where}: 'labels' must be a list of label names (or of 'name:' / 'description:' "
+                        f"entries), got {items!r}")
     names, descriptions, first = [], [], {}
     for i, item in enumerate(items, start=1):
+        description = None
         if isinstance(item, Mapping):
-            if len(item) != 1:
-                raise TaskError(f"{where}: label {i} must be a name or one 'name: description' entry, got {item!r}")
-            (name, description), = item.items()
-            description = None if description is None else _one_line(description, f"the description of label {i}",
-                                                                      where)
-        else:
-            name, description = item, None
-        name = _one_line(name, f"label {i}", where)
+            unknown = [str(k) for k in item if k not in LABEL_KEYS]
+            if unknown or "name" not in item:
+                raise TaskError(f"{where}: label {i} must be a name or a mapping with 'name' (and optionally "
+                                f"'description'), got {dict(item)!r}")
+            item, description = item["name"], item.get("description")
+            if description is not None:
+                description = _one_line(description, f"the description of label {i}", where)
+        name = _one_line(item, f"label {i}", where)
         if name in first:
             raise TaskError(f"{where}: label '{name}' is given twice (labels {first[name]} and {i})")
         first[name] = i
