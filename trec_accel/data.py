@@ -76,10 +76,6 @@ def _not_utf8(err: UnicodeDecodeError) -> str:
     return f"not valid UTF-8 ({err.reason} at byte {err.start}): save the file as UTF-8"
 
 
-# CogComp/trec's label columns, which hold ids; read for the built-in tasks when the label column is absent.
-HUB_COLUMNS = ("coarse_label", "fine_label")
-
-
 @dataclass(frozen=True)
 class Schema:
     """What a row must hold: the text column, and the label column with a name or id of `task`."""
@@ -93,7 +89,8 @@ class Schema:
         object.__setattr__(self, "trec", {COARSE: "coarse", FINE: "fine"}.get(self.task))
 
     def label_column(self, columns: Iterable[str]) -> str | None:
-        """The column that carries the label, or None if there is none."""
+        """The column that carries the label, or None if there is none. For the TREC tasks, when `label` is absent:
+        CogComp/trec's columns, which hold ids."""
         cols = set(columns)
         if self.label in cols:
             return self.label
@@ -155,11 +152,11 @@ def _label_id(value: Any, column: str, schema: Schema) -> int | str:
         stripped = value.strip()
         if not stripped:
             return f"empty value in column '{column}'"
-        if column not in HUB_COLUMNS and task.label_id(stripped) is not None:
+        if column == schema.label and task.label_id(stripped) is not None:
             return task.label_id(stripped)
         if stripped.lstrip("-").isdigit():
             value = int(stripped)
-        elif column in HUB_COLUMNS:
+        elif column != schema.label:
             return f"column '{column}' must hold int ids, got {_short(value)}"
         elif schema.trec == "coarse" and stripped in FINE_LABELS:
             return COARSE_LABELS.index(coarse_of(stripped))
