@@ -14,11 +14,12 @@ import torch
 
 from trec_accel.batching import Encoder, collate
 from trec_accel.config import load_config
-from trec_accel.data import load_splits
+from trec_accel.data import load_data
 from trec_accel.loss import LabelLoss
 from trec_accel.model import add_lora, load_base
 from trec_accel.runtime import start
 from trec_accel.step import TrainStep
+from trec_accel.task import load_task
 
 
 def main() -> int:
@@ -41,8 +42,9 @@ def main() -> int:
                 w.normal_(0, 0.02)
     params = [w for w in model.parameters() if w.requires_grad]
     lm = acc.prepare(LabelLoss(model).train())
-    enc = Encoder(tok, cfg.data.task, cfg.data.template)
-    train = load_splits(cfg.data.path, cfg.data.task, cfg.data.val_fraction, cfg.data.split_seed)["train"]
+    task = load_task(cfg.data.task)
+    enc = Encoder(tok, task, cfg.data.template)
+    train = load_data(cfg.data, task)["train"]
     encs = sorted((enc.encode(e.text, e.label) for e in train[: 8 * args.batch]), key=lambda e: len(e.prompt_ids))
     slots = enc.longest_label
     # Widths padded to 64: few shapes, several batches of each.

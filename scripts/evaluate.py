@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Evaluate a base model or a trained adapter on a TREC split:
+"""Evaluate a base model or a trained adapter on a split of its task's data:
 
     accelerate launch -q scripts/evaluate.py --config configs/NAME.yaml [adapter=DIR] [eval.split=test] \\
         [key=value ...]
+
+Without --config, an adapter is evaluated with its own training config (its config.yaml: model, task, data).
 """
 import sys
 

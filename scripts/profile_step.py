@@ -14,12 +14,13 @@ from torch.profiler import ProfilerActivity, profile
 
 from trec_accel.batching import Encoder, collate, epoch_order
 from trec_accel.config import load_config
-from trec_accel.data import load_splits
+from trec_accel.data import load_data
 from trec_accel.loss import LabelLoss
 from trec_accel.model import add_lora, load_base, parameter_counts, prepare_for_training
 from trec_accel.runtime import start
 from trec_accel.scoring import evaluate_examples
 from trec_accel.step import TrainStep, decide_cuda_graphs, decide_shared_prefix
+from trec_accel.task import load_task
 from trec_accel.train import make_optimizer
 
 CUDA = torch.cuda.is_available()
@@ -55,8 +56,9 @@ def main():
     runtime = start(cfg)  # the Accelerator and precision training would have
     acc = runtime.accelerator
     base, tok, _ = load_base(cfg, runtime)
-    enc = Encoder(tok, cfg.data.task, cfg.data.template)
-    splits = load_splits(cfg.data.path, cfg.data.task, cfg.data.val_fraction, cfg.data.split_seed)
+    task = load_task(cfg.data.task)
+    enc = Encoder(tok, task, cfg.data.template)
+    splits = load_data(cfg.data, task)
     if args.eval:
         model = add_lora(base, cfg).eval()
 

@@ -11,6 +11,7 @@ from trec_accel.batching import Encoder, collate
 from trec_accel.config import load_config
 from trec_accel.loss import LabelLoss, batch_loss
 from trec_accel.model import add_lora, check_adapter_weights, fsdp_lora_state_dict, load_tokenizer, write_adapter
+from trec_accel.task import COARSE
 
 
 def build(path):
@@ -33,7 +34,7 @@ def main(path, out):
     from peft.utils.other import fsdp_auto_wrap_policy
     dist.init_process_group("gloo")
     tok = load_tokenizer(path)
-    enc = Encoder(tok, "coarse", "notebook")
+    enc = Encoder(tok, COARSE, "notebook")
     batch = collate([enc.encode(q, i % 6) for i, q in enumerate(["Who wrote Hamlet ?", "What is a sonnet ?"])],
                     tok.pad_token_id)
     reference = build(path)

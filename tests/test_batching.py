@@ -11,11 +11,12 @@ from trec_accel.batching import (
     shard,
 )
 from trec_accel.labels import COARSE_LABELS, FINE_LABELS
+from trec_accel.task import BUILTIN, COARSE
 
 
 @pytest.fixture(params=["coarse", "fine"])
 def encoder(request, tokenizer):
-    return Encoder(tokenizer, request.param, "notebook")
+    return Encoder(tokenizer, BUILTIN[request.param], "notebook")
 
 
 def test_prompt_is_the_notebook_format(encoder):
@@ -24,7 +25,7 @@ def test_prompt_is_the_notebook_format(encoder):
     assert p.question == " Who wrote Hamlet ? ="
     assert p.answer == " " + encoder.labels[3] and p.end == "</s>"
     assert p.text.endswith("\n Who wrote Hamlet ? = " + encoder.labels[3] + "</s>")
-    if encoder.task == "fine":
+    if encoder.task.name == "fine":
         assert all(name in p.prefix for name in FINE_LABELS)
     else:
         assert all(name in p.prefix for name in COARSE_LABELS)
@@ -97,7 +98,7 @@ def test_slow_tokenizer_is_refused():
     class Slow:
         is_fast = False
     with pytest.raises(ValueError, match="fast"):
-        Encoder(Slow(), "coarse", "notebook")
+        Encoder(Slow(), COARSE, "notebook")
 
 
 @pytest.mark.parametrize("n, world", [(5, 2), (4, 2), (1, 3), (7, 3), (3, 1)])
@@ -112,7 +113,7 @@ def test_batch_rounds_count_every_batch_once_with_equal_rounds(n, world):
 
 @pytest.mark.parametrize("task", ["coarse", "fine"])
 def test_label_trie_feeds_each_shared_label_beginning_once(tokenizer, task):
-    enc = Encoder(tokenizer, task, "notebook")
+    enc = Encoder(tokenizer, BUILTIN[task], "notebook")
     trie, cands = enc.trie, enc.candidates
     beginnings = {tuple(c[:j]) for c in cands for j in range(1, len(c))}
     assert len(trie.tokens) == len(beginnings)

@@ -47,7 +47,9 @@ def test_env_references_expand(tmp_path, monkeypatch):
     ("lora.r=0", "lora.r must be > 0"),
     ("data.val_fraction=1.0", "data.val_fraction must be in (0, 1)"),
     ("data.val_fraction=0", "data.val_fraction must be in (0, 1)"),
-    ("data.task=medium", "data.task: 'medium' is not one of coarse, fine"),
+    ("data.task=medium", "data.task: 'medium' is neither a built-in task (coarse, fine) nor a task file"),
+    ("data.task=[a, b]", "data.task: expected str or dict, got ['a', 'b']"),
+    ("data.task={labels: [a]}", "data.task: a task needs at least 2 labels, got 1"),
     ("eval.method=guess", "eval.method: 'guess' is not one of score, generate"),
     ("train", "override 'train' is not of the form dotted.key=value"),
     ("train.lr.x=1", "unknown config key 'train.lr.x'"),
@@ -90,10 +92,25 @@ def test_the_issue_configs_are_shipped():
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_configs_load(name):
-    cfg = load_config(Path(__file__).parent.parent / "configs" / f"{name}.yaml")
+def test_shipped_configs_load(name, monkeypatch):
+    root = Path(__file__).parent.parent
+    monkeypatch.chdir(root)  # the example task's file is named from the repository's root
+    cfg = load_config(root / "configs" / f"{name}.yaml")
     assert isinstance(cfg, Config) and cfg.output_dir == f"runs/{name}"
-    assert cfg.data.task == ("fine" if "fine" in name else "coarse")
+    if "pedalo" in name:
+        assert cfg.data.task["name"] == "pedalo_support" and len(cfg.data.task["labels"]) == 8
+    else:
+        assert cfg.data.task == ("fine" if "fine" in name else "coarse")
+
+
+def test_the_example_task_is_shipped_whole(monkeypatch):
+    from trec_accel.data import load_data
+    from trec_accel.task import load_task
+    monkeypatch.chdir(Path(__file__).parent.parent)
+    cfg = load_config("configs/smollm2_pedalo.yaml")
+    splits = load_data(cfg.data, load_task(cfg.data.task))
+    assert {k: len(v) for k, v in splits.items()} == {"train": 432, "validation": 48, "test": 160}
+    assert sorted({e.label for e in splits["test"]}) == list(range(8))
 
 
 def test_readme_config_table_is_the_generated_one():

@@ -9,12 +9,13 @@ import pytest
 
 from conftest import ROOT
 from trec_accel.batching import Encoder, PromptTokenError
+from trec_accel.task import FINE
 
 LONG = ("Why is the sky blue and what makes the sunset red " * 400)[:20_000] + " ?"
 
 
 def test_long_questions_are_cut_from_the_end_to_fit(tokenizer, caplog):
-    plain, fitted = Encoder(tokenizer, "fine", "notebook"), Encoder(tokenizer, "fine", "notebook", 2048)
+    plain, fitted = Encoder(tokenizer, FINE, "notebook"), Encoder(tokenizer, FINE, "notebook", 2048)
     assert len(plain.encode(LONG).prompt_ids) > 2048
     short = fitted.encode("Who wrote Hamlet ?", 3)
     assert short == plain.encode("Who wrote Hamlet ?", 3) and not short.shortened
@@ -36,7 +37,7 @@ def test_long_questions_are_cut_from_the_end_to_fit(tokenizer, caplog):
 def test_a_context_without_room_for_any_question_is_refused(tokenizer):
     with pytest.raises(PromptTokenError, match=r"take \d+ tokens, more than the model's context of 200: use a model "
                                                r"with a longer context"):
-        Encoder(tokenizer, "fine", "notebook", 200)
+        Encoder(tokenizer, FINE, "notebook", 200)
 
 
 def test_evaluate_counts_the_questions_it_cut(tmp_path, capsys, caplog):

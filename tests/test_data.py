@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from trec_accel.data import DataError, Example, load_splits, load_trec, split_train_validation
-from trec_accel.labels import COARSE_LABELS, FINE_LABELS, TASKS, coarse_of, label_names
+from trec_accel.labels import COARSE_LABELS, FINE_LABELS, coarse_of
+from trec_accel.task import BUILTIN, COARSE, FINE
 
 TREC_DATA_DIR = os.environ.get("TREC_DATA_DIR")
 needs_real_data = pytest.mark.skipif(not TREC_DATA_DIR, reason="TREC_DATA_DIR is not set")
@@ -31,15 +32,14 @@ def test_label_tables() -> None:
     assert FINE_LABELS.index("HUM:desc") == 31
     assert FINE_LABELS.index("LOC:city") == 32
     assert FINE_LABELS[-1] == "NUM:weight"
-    assert TASKS == ("coarse", "fine")
-    assert label_names("coarse") is COARSE_LABELS and label_names("fine") is FINE_LABELS
+    assert tuple(BUILTIN) == ("coarse", "fine")
+    assert COARSE.labels is COARSE_LABELS and FINE.labels is FINE_LABELS
+    assert COARSE.label_id("HUM") == 3 and FINE.label_id("HUM:desc") == 31 and COARSE.label_id("HUM:ind") is None
     assert {coarse_of(f) for f in FINE_LABELS} == set(COARSE_LABELS)
     assert coarse_of("HUM:ind") == "HUM"
 
 
 def test_label_errors() -> None:
-    with pytest.raises(ValueError, match="'medium'"):
-        label_names("medium")
     with pytest.raises(ValueError, match="HUM:nope"):
         coarse_of("HUM:nope")
 
@@ -65,12 +65,12 @@ def real_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def real_fine(real_dir: Path) -> dict[str, list[Example]]:
-    return load_trec(str(real_dir), "fine")
+    return load_trec(str(real_dir), FINE)
 
 
 @pytest.fixture(scope="module")
 def real_coarse(real_dir: Path) -> dict[str, list[Example]]:
-    return load_trec(str(real_dir), "coarse")
+    return load_trec(str(real_dir), COARSE)
 
 
 @needs_real_data
@@ -142,7 +142,7 @@ def test_real_duplicates_kept(real_fine: dict[str, list[Example]]) -> None:
 
 @needs_real_data
 def test_real_split(real_dir: Path) -> None:
-    splits = load_splits(str(real_dir), "coarse")
+    splits = load_splits(str(real_dir), COARSE)
     assert list(splits) == ["train", "validation", "test"]
     train, val = splits["train"], splits["validation"]
     assert (len(train), len(val), len(splits["test"])) == (4907, 545, 500)
@@ -150,9 +150,9 @@ def test_real_split(real_dir: Path) -> None:
     assert not train_idx & val_idx
     assert train_idx | val_idx == set(range(5452))
 
-    again = load_splits(str(real_dir), "coarse", val_fraction=0.1, split_seed=42)
+    again = load_splits(str(real_dir), COARSE, val_fraction=0.1, split_seed=42)
     assert again["validation"] == val and again["train"] == train
-    other = load_splits(str(real_dir), "coarse", split_seed=7)
+    other = load_splits(str(real_dir), COARSE, split_seed=7)
     assert len(other["validation"]) == 545
     assert [ex.index for ex in other["validation"]] != [ex.index for ex in val]
 
@@ -181,7 +181,7 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
 
 
 def labels(examples: list[Example], task: str) -> list[str]:
-    return [label_names(task)[ex.label] for ex in examples]
+    return [BUILTIN[task].labels[ex.label] for ex in examples]
 
 
 # --------------------------------------------------------------------------- synthetic: formats
@@ -190,14 +190,14 @@ def labels(examples: list[Example], task: str) -> list[str]:
 @pytest.mark.parametrize("writer", [write_jsonl, write_csv], ids=["jsonl", "csv"])
 def test_tabular_label_names(tmp_path: Path, writer) -> None:
     path = writer(tmp_path / f"questions.{'jsonl' if writer is write_jsonl else 'csv'}", ROWS)
-    fine = load_trec(str(path), "fine")
+    fine = load_trec(str(path), FINE)
     assert list(fine) == ["train"]
     assert [ex.text for ex in fine["train"]] == [row["text"] for row in ROWS]
     assert labels(fine["train"], "fine") == [row["label"] for row in ROWS]
     assert [ex.index for ex in fine["train"]] == [0, 1, 2, 3]
     assert fine["train"][0].source == f"{path}:{1 if writer is write_jsonl else 2}"
     # fine label names map to their coarse label for the coarse task
-    coarse = load_trec(str(path), "coarse")
+    coarse = load_trec(str(path), COARSE)
     assert labels(coarse["train"], "coarse") == ["HUM", "LOC", "NUM", "ABBR"]
 
 
@@ -206,12 +206,12 @@ def test_tabular_int_ids_and_coarse_names(tmp_path: Path, writer) -> None:
     ext = "jsonl" if writer is write_jsonl else "csv"
     rows = [{"text": "Who wrote Hamlet ?", "label": 3}, {"text": "What is a cat ?", "label": "DESC"}]
     path = writer(tmp_path / f"train.{ext}", rows)
-    assert labels(load_trec(str(path), "coarse")["train"], "coarse") == ["HUM", "DESC"]
+    assert labels(load_trec(str(path), COARSE)["train"], "coarse") == ["HUM", "DESC"]
     ids = writer(tmp_path / f"ids.{ext}", [{"text": "Who wrote Hamlet ?", "label": 29}])
-    assert labels(load_trec(str(ids), "fine")["train"], "fine") == ["HUM:ind"]
+    assert labels(load_trec(str(ids), FINE)["train"], "fine") == ["HUM:ind"]
     # a coarse name is not a fine label (the int id 3 is valid for both tasks)
     with pytest.raises(DataError, match=r"1 bad row .*train\.\w+:\d: unknown fine label 'DESC'$"):
-        load_trec(str(path), "fine")
+        load_trec(str(path), FINE)
 
 
 @pytest.mark.parametrize("writer", [write_jsonl, write_csv], ids=["jsonl", "csv"])
@@ -222,15 +222,15 @@ def test_tabular_hf_style_columns(tmp_path: Path, writer) -> None:
         {"text": "What is the capital of France ?", "coarse_label": 4, "fine_label": 32},
     ]
     path = writer(tmp_path / f"train.{ext}", rows)
-    assert labels(load_trec(str(path), "coarse")["train"], "coarse") == ["HUM", "LOC"]
-    assert labels(load_trec(str(path), "fine")["train"], "fine") == ["HUM:ind", "LOC:city"]
+    assert labels(load_trec(str(path), COARSE)["train"], "coarse") == ["HUM", "LOC"]
+    assert labels(load_trec(str(path), FINE)["train"], "fine") == ["HUM:ind", "LOC:city"]
     # only fine ids: the coarse task derives its labels from them
     fine_only = writer(tmp_path / f"fine_only.{ext}", [{k: r[k] for k in ("text", "fine_label")} for r in rows])
-    assert labels(load_trec(str(fine_only), "coarse")["train"], "coarse") == ["HUM", "LOC"]
+    assert labels(load_trec(str(fine_only), COARSE)["train"], "coarse") == ["HUM", "LOC"]
     # only coarse ids cannot serve the fine task
     coarse_only = writer(tmp_path / f"coarse_only.{ext}", [{k: r[k] for k in ("text", "coarse_label")} for r in rows])
     with pytest.raises(DataError, match="missing column 'label'"):
-        load_trec(str(coarse_only), "fine")
+        load_trec(str(coarse_only), FINE)
 
 
 def test_parquet(tmp_path: Path) -> None:
@@ -239,18 +239,18 @@ def test_parquet(tmp_path: Path) -> None:
 
     path = tmp_path / "train.parquet"
     pq.write_table(pa.Table.from_pylist(ROWS), path)
-    loaded = load_trec(str(path), "coarse")["train"]
+    loaded = load_trec(str(path), COARSE)["train"]
     assert labels(loaded, "coarse") == ["HUM", "LOC", "NUM", "ABBR"]
     assert loaded[1].source == f"{path}[1]"
 
     hf = tmp_path / "hf.parquet"
     pq.write_table(pa.Table.from_pylist([{"text": "Who wrote Hamlet ?", "coarse_label": 3, "fine_label": 29}]), hf)
-    assert labels(load_trec(str(hf), "fine")["train"], "fine") == ["HUM:ind"]
+    assert labels(load_trec(str(hf), FINE)["train"], "fine") == ["HUM:ind"]
 
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.Table.from_pylist([{"text": "", "label": "HUM"}, {"text": "ok ?", "label": "XYZ"}]), bad)
     with pytest.raises(DataError) as err:
-        load_trec(str(bad), "coarse")
+        load_trec(str(bad), COARSE)
     assert f"{bad}[0]: empty text" in str(err.value)
     assert f"{bad}[1]: unknown coarse label 'XYZ'" in str(err.value)
 
@@ -258,14 +258,14 @@ def test_parquet(tmp_path: Path) -> None:
 def test_folder_with_splits(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "train.jsonl", ROWS * 5)
     write_csv(tmp_path / "test.csv", ROWS[:2])
-    raw = load_trec(str(tmp_path), "coarse")
+    raw = load_trec(str(tmp_path), COARSE)
     assert {k: len(v) for k, v in raw.items()} == {"train": 20, "test": 2}
-    splits = load_splits(str(tmp_path), "coarse", val_fraction=0.25, split_seed=0)
+    splits = load_splits(str(tmp_path), COARSE, val_fraction=0.25, split_seed=0)
     assert {k: len(v) for k, v in splits.items()} == {"train": 15, "validation": 5, "test": 2}
 
     # an explicit validation file is used as is instead of splitting train
     write_jsonl(tmp_path / "validation.jsonl", ROWS[:3])
-    splits = load_splits(str(tmp_path), "coarse")
+    splits = load_splits(str(tmp_path), COARSE)
     assert {k: len(v) for k, v in splits.items()} == {"train": 20, "validation": 3, "test": 2}
     assert [ex.index for ex in splits["train"]] == list(range(20))
 
@@ -275,12 +275,12 @@ def test_folder_with_label_files(tmp_path: Path) -> None:
         b"HUM:ind Who wrote Hamlet ?\nLOC:city Which sister\xf0city is it ?\nNUM:count How many ?\n"
     )
     (tmp_path / "TREC_10.label").write_bytes(b"DESC:def What is e-coli ?\n")
-    raw = load_trec(str(tmp_path), "fine")
+    raw = load_trec(str(tmp_path), FINE)
     assert [ex.text for ex in raw["train"]] == ["Who wrote Hamlet ?", "Which sister city is it ?", "How many ?"]
     assert labels(raw["train"], "fine") == ["HUM:ind", "LOC:city", "NUM:count"]
     assert labels(raw["test"], "fine") == ["DESC:def"]
     assert raw["train"][2].source == f"{tmp_path / 'train_5500.label'}:3"
-    assert labels(load_trec(str(tmp_path), "coarse")["train"], "coarse") == ["HUM", "LOC", "NUM"]
+    assert labels(load_trec(str(tmp_path), COARSE)["train"], "coarse") == ["HUM", "LOC", "NUM"]
 
 
 # --------------------------------------------------------------------------- synthetic: errors
@@ -300,7 +300,7 @@ def test_all_bad_rows_reported_once(tmp_path: Path) -> None:
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with pytest.raises(DataError) as err:
-        load_trec(str(path), "coarse")
+        load_trec(str(path), COARSE)
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith("7 bad rows")
@@ -320,7 +320,7 @@ def test_all_bad_rows_reported_once(tmp_path: Path) -> None:
 def test_error_list_is_capped(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "train.jsonl", [{"text": "", "label": "HUM"}] * 25)
     with pytest.raises(DataError) as err:
-        load_trec(str(path), "coarse")
+        load_trec(str(path), COARSE)
     message = str(err.value)
     assert message.startswith("25 bad rows")
     assert f"{path}:20: empty text" in message and f"{path}:21:" not in message
@@ -331,7 +331,7 @@ def test_csv_errors(tmp_path: Path) -> None:
     path = tmp_path / "train.csv"
     path.write_text('text,label\nWho ?,HUM\n,HUM\n"multi\nline ?",NOPE\nextra,HUM,x\n', encoding="utf-8")
     with pytest.raises(DataError) as err:
-        load_trec(str(path), "coarse")
+        load_trec(str(path), COARSE)
     message = str(err.value)
     assert f"{path}:3: empty text" in message
     assert f"{path}:4: unknown coarse label 'NOPE'" in message
@@ -340,11 +340,11 @@ def test_csv_errors(tmp_path: Path) -> None:
     no_label = tmp_path / "no_label.csv"
     no_label.write_text("text,category\nWho ?,HUM\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"no_label\.csv: missing column 'label'"):
-        load_trec(str(no_label), "coarse")
+        load_trec(str(no_label), COARSE)
     no_text = tmp_path / "no_text.csv"
     no_text.write_text("question,label\nWho ?,HUM\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"no_text\.csv: missing column 'text'"):
-        load_trec(str(no_text), "coarse")
+        load_trec(str(no_text), COARSE)
 
 
 def test_malformed_label_file(tmp_path: Path) -> None:
@@ -358,7 +358,7 @@ def test_malformed_label_file(tmp_path: Path) -> None:
         b"NUM:count How many ?\n"
     )
     with pytest.raises(DataError) as err:
-        load_trec(str(tmp_path), "coarse")
+        load_trec(str(tmp_path), COARSE)
     message = str(err.value)
     assert message.startswith("4 bad rows")
     assert f"{path}:2: malformed line" in message
@@ -371,34 +371,28 @@ def test_bad_rows_in_several_files_reported_together(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "train.jsonl", [{"text": "", "label": "HUM"}, *ROWS])
     write_jsonl(tmp_path / "test.jsonl", [*ROWS, {"text": "Who ?", "label": "???"}])
     with pytest.raises(DataError) as err:
-        load_trec(str(tmp_path), "fine")
+        load_trec(str(tmp_path), FINE)
     assert f"{tmp_path / 'train.jsonl'}:1: empty text" in str(err.value)
     assert f"{tmp_path / 'test.jsonl'}:5: unknown fine label '???'" in str(err.value)
 
 
 def test_missing_and_empty_paths(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist.*train_5500.label"):
-        load_trec(str(tmp_path / "nowhere"), "coarse")
+        load_trec(str(tmp_path / "nowhere"), COARSE)
     with pytest.raises(DataError, match="does not exist"):
-        load_trec("data/missing.jsonl", "coarse")
-    with pytest.raises(DataError, match=r"no TREC data found; expected train_5500\.label.*train\.jsonl"):
-        load_trec(str(tmp_path), "coarse")
+        load_trec("data/missing.jsonl", COARSE)
+    with pytest.raises(DataError, match=r"no data found; expected train_5500\.label.*train\.jsonl"):
+        load_trec(str(tmp_path), COARSE)
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(DataError, match="no TREC data found"):
-        load_trec(str(tmp_path), "coarse")
+    with pytest.raises(DataError, match="no data found"):
+        load_trec(str(tmp_path), COARSE)
     (tmp_path / "TREC_10.label").write_bytes(b"DESC:def What is e-coli ?\n")  # test file alone is not enough
-    with pytest.raises(DataError, match="no TREC data found"):
-        load_trec(str(tmp_path), "coarse")
+    with pytest.raises(DataError, match="no data found"):
+        load_trec(str(tmp_path), COARSE)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(DataError, match="holds no rows"):
-        load_trec(str(empty), "coarse")
-
-
-def test_unknown_task(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "train.jsonl", ROWS)
-    with pytest.raises(DataError, match="'medium'"):
-        load_trec(str(path), "medium")
+        load_trec(str(empty), COARSE)
 
 
 def test_hub_failure_is_clean(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -412,7 +406,7 @@ def test_hub_failure_is_clean(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
     with pytest.raises(DataError) as err:
-        load_trec("CogComp/trec", "coarse")
+        load_trec("CogComp/trec", COARSE)
     message = str(err.value)
     assert "could not load dataset 'CogComp/trec' from the hub (offline?)" in message
     assert "data.path=" in message
@@ -434,9 +428,9 @@ def test_hub_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     monkeypatch.setattr(datasets, "load_dataset", lambda name: fake)
     with pytest.raises(DataError, match=r"hub:some/trec\[test\]\[0\]: empty text"):
-        load_trec("some/trec", "fine")
+        load_trec("some/trec", FINE)
     fake["test"] = fake["train"]
-    raw = load_trec("some/trec", "fine")
+    raw = load_trec("some/trec", FINE)
     assert labels(raw["train"], "fine") == ["HUM:ind", "DESC:def"]
     assert raw["train"][1].source == "hub:some/trec[train][1]"
 
@@ -475,7 +469,7 @@ def test_split_empty_side() -> None:
 def test_load_splits_bad_fraction(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "train.jsonl", ROWS)
     with pytest.raises(DataError, match="val_fraction"):
-        load_splits(str(path), "coarse", val_fraction=1.0)
+        load_splits(str(path), COARSE, val_fraction=1.0)
 
 
 def test_invalid_utf8_names_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -491,14 +485,14 @@ def test_invalid_utf8_names_file_and_line(tmp_path: Path, capsys: pytest.Capture
     csv_file.write_bytes(b"text,label\nWho wrote Hamlet ?,HUM\n\"Where is\nLima \xfe?\",LOC\n")
     for path, line, others in ((jsonl, 2, [f"{jsonl}:3: empty text"]), (csv_file, 4, [])):
         with pytest.raises(DataError) as err:
-            load_trec(str(path), "coarse")
+            load_trec(str(path), COARSE)
         message = str(err.value)
         assert f"{path}:{line}: not valid UTF-8 (invalid start byte at byte " in message
         assert "save the file as UTF-8" in message and "\n" not in message
         for other in others:
             assert other in message
     capsys.readouterr()
-    assert cli.main(lambda: load_trec(str(jsonl), "coarse")) == 2
+    assert cli.main(lambda: load_trec(str(jsonl), COARSE)) == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"error: 2 bad rows in the TREC data: {jsonl}:2: not valid UTF-8 (invalid start byte at byte 19): "
+        f"error: 2 bad rows in the data: {jsonl}:2: not valid UTF-8 (invalid start byte at byte 19): "
         f"save the file as UTF-8; {jsonl}:3: empty text"]

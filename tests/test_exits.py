@@ -36,7 +36,7 @@ def nothing_expensive(monkeypatch):
 
     def expensive(*args, **kwargs):
         raise AssertionError("the run went on to load data or the model")
-    monkeypatch.setattr(train_module, "load_splits", expensive)
+    monkeypatch.setattr(train_module, "load_data", expensive)
     monkeypatch.setattr(train_module, "load_base", expensive)
 
 

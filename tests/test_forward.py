@@ -7,6 +7,7 @@ from trec_accel.config import load_config
 from trec_accel.loss import LabelLoss, batch_loss
 from trec_accel.model import add_lora, prepare_for_training
 from trec_accel.scoring import score_prompts, shared_prefix
+from trec_accel.task import BUILTIN, COARSE, load_task
 
 QUESTIONS = ["Who wrote Hamlet ?", "How many legs does a spider have ?", "What is a sonnet ?",
              "What does NASA stand for ?", "Where is the highest waterfall in the United States ?"]
@@ -48,7 +49,7 @@ def grads(model, loss_model, batch):
 
 @pytest.mark.parametrize("task", ["coarse", "fine"])
 def test_shared_prefix_matches_full_sequences(lora_model, checkpointed_model, tokenizer, task):
-    enc = Encoder(tokenizer, task, "notebook")
+    enc = Encoder(tokenizer, BUILTIN[task], "notebook")
     exs = [enc.encode(q, i % len(enc.labels)) for i, q in enumerate(QUESTIONS)]
     loss_model = LabelLoss(lora_model).train()
     plain_loss, plain = grads(lora_model, loss_model, collate(exs, tokenizer.pad_token_id))
@@ -66,17 +67,27 @@ def test_shared_prefix_matches_full_sequences(lora_model, checkpointed_model, to
         torch.testing.assert_close(shared[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("task", ["coarse", "fine"])
+# Tasks of one's own: labels of several words, two sharing their first word, non-ASCII; and a few hundred labels.
+TASKS = {**BUILTIN,
+         "support": load_task({"labels": ["billing", "refund request", "account access", "account deletion",
+                                          "Störung der Station", "app bug"]}),
+         "many": load_task({"labels": [f"{w} {i}" for i in range(60) for w in ("topic", "Thema", "tema")]})}
+
+
+@pytest.mark.parametrize("task", list(TASKS))
 @pytest.mark.parametrize("shared", [True, False])
 def test_tree_scores_match_one_sequence_per_candidate(lora_model, tokenizer, task, shared):
-    enc = Encoder(tokenizer, task, "notebook")
+    enc = Encoder(tokenizer, TASKS[task], "notebook")
     lora_model.eval()
     prompts = [enc.encode(q).prompt_ids for q in QUESTIONS]
     prefix = shared_prefix(lora_model, enc) if shared else None
     got = score_prompts(lora_model, enc, prompts, prefix, "sum")
+    assert got.shape == (len(prompts), len(enc.labels))
+    # Each reference is a whole forward pass with logits at every position: few of them for the long instruction.
+    checked = prompts if len(enc.labels) <= 50 else prompts[:1]
     with torch.no_grad():
-        for i, q in enumerate(prompts):
-            for k, cand in enumerate(enc.candidates):
+        for i, q in enumerate(checked):
+            for k, cand in list(enumerate(enc.candidates))[:: 1 if len(enc.labels) <= 50 else 89]:
                 ids = torch.tensor([q + cand])
                 logp = torch.log_softmax(lora_model(input_ids=ids).logits[0].float(), -1)
                 want = sum(logp[len(q) - 1 + j, t].item() for j, t in enumerate(cand))
@@ -92,7 +103,7 @@ def test_cache_interface(lora_model, tokenizer):
     the returned cache's `layers`, each layer's `keys` / `values` (batch, kv heads, length, head dim), and
     `update(key_states, value_states, layer_idx, ...)` called once per attention layer and pass."""
     from trec_accel.forward import SharedPrefix, hidden_states, parts
-    enc = Encoder(tokenizer, "coarse", "notebook")
+    enc = Encoder(tokenizer, COARSE, "notebook")
     decoder, _ = parts(lora_model)
     cfg = decoder.config
     with torch.no_grad():

@@ -152,7 +152,9 @@ def test_adapters_are_portable_and_old_ones_still_load(adapter, tmp_path, caplog
     config = json.loads((old / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "/home/someone/.cache/trec_accel/tiny-random-mistral-v1"
     (old / "adapter_config.json").write_text(json.dumps(config))
-    (old / "trec_accel.json").write_text(json.dumps({k: meta[k] for k in ("model", "task", "template", "labels")}))
+    # What adapters recorded before tasks were recorded whole: the built-in task's name and its labels.
+    (old / "trec_accel.json").write_text(json.dumps({"model": meta["model"], "task": "coarse", "template": "notebook",
+                                                     "labels": LABELS}))
     rows = {}
     for name, folder in (("new", adapter), ("old", old)):
         out = io.StringIO()

@@ -22,6 +22,7 @@ import torch
 from conftest import ROOT, TREC_DATA_DIR
 from trec_accel import checkpoint
 from trec_accel.config import load_config
+from trec_accel.task import COARSE
 from trec_accel.train import run
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -106,8 +107,9 @@ def test_script_trains_and_writes_a_loadable_adapter(tmp_path, toy_data, tiny_mo
             "trec_accel.json", "config.yaml"} <= names, names
     assert not (out / "adapter.tmp").exists()
     meta = read_json(adapter / "trec_accel.json")
-    assert meta["model"] == "tiny-random-mistral" and meta["task"] == "coarse"
-    assert meta["labels"] == ["ABBR", "ENTY", "DESC", "HUM", "LOC", "NUM"]
+    assert meta["model"] == "tiny-random-mistral" and meta["task"] == COARSE.to_dict()
+    assert [label if isinstance(label, str) else label["name"] for label in meta["task"]["labels"]] == \
+        ["ABBR", "ENTY", "DESC", "HUM", "LOC", "NUM"]
     assert load_config(adapter / "config.yaml") == want
 
     # Plain PEFT loads it, and it computes what the trained model (rebuilt from the final checkpoint) computes.

@@ -16,8 +16,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .labels import label_names
 from .prompts import Prompt, prompt_format
+from .task import Task
 
 IGNORE = -100
 
@@ -36,17 +36,18 @@ class Encoded:
 
 
 class Encoder:
-    """Renders and tokenizes prompts of one task with one template.
+    """Renders and tokenizes prompts of one task with one template. A label's tokens are those that follow the cue
+    in the whole prompt: the training targets, the scoring trie's candidates and what generation is read against.
 
     With `max_length` (the model's context, in positions), a question whose prompt, followed by the longest label,
     would not fit is cut from its end to the longest start of it that fits; the instruction and the cue are kept.
     Callers report how many were cut (`count_shortened`).
     """
 
-    def __init__(self, tokenizer, task: str, template: str, max_length: int | None = None):
+    def __init__(self, tokenizer, task: Task, template: str, max_length: int | None = None):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("trec-accel needs a fast (Rust) tokenizer: token offsets locate the label")
-        self.tokenizer, self.task, self.labels = tokenizer, task, label_names(task)
+        self.tokenizer, self.task, self.labels = tokenizer, task, task.labels
         self.format = prompt_format(template, task, tokenizer)
         p = self.prompt("What is this ?")
         ids, offsets = self._tokens(p.text)
@@ -55,6 +56,9 @@ class Encoder:
         # Candidate label sequences (answer + end), the same after every question: checked in `encode`.
         self.candidates: list[list[int]] = [self._encode("What is this ?", i).label_ids
                                             for i in range(len(self.labels))]
+        if len(set(map(tuple, self.candidates))) < len(self.candidates):
+            raise PromptTokenError(f"two labels of the {task.name} task are the same tokens for this tokenizer; "
+                                   "make them differ in more than spacing")
         self.trie = LabelTrie(self.candidates)
         self.max_length = max_length
         self.longest_label = max(len(c) for c in self.candidates)  # tokens after a prompt, at most
@@ -72,6 +76,10 @@ class Encoder:
 
     def encode(self, question: str, label: int | None = None) -> Encoded:
         enc = self._encode(question, label)
+        if label is not None and enc.label_ids != self.candidates[label]:
+            # Scoring ranks the candidates' tokens: training must target the same ones.
+            raise PromptTokenError(f"the label {self.labels[label]!r} tokenizes differently after the question "
+                                   f"{question!r} than after others, so scoring could not rank what training targets")
         if self.max_length is None or self._fits(enc):
             return enc
         keep, over = 0, len(question)  # question[:keep] fits, question[:over] does not

@@ -25,6 +25,7 @@ import torch
 from .batching import IGNORE, Encoder
 from .config import PROJECTIONS, load_config
 from .data import load_splits
+from .task import BUILTIN
 
 GIB = 2**30
 
@@ -80,7 +81,7 @@ def reference_setups(args, task: str, base, tokenizer, train, results: dict) -> 
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     cfg = _cfg(args, task)
-    encoder = Encoder(tokenizer, task, cfg.data.template)
+    encoder = Encoder(tokenizer, BUILTIN[task], cfg.data.template)
     mean_len = sum(len(r["input_ids"]) for r in _dataset(tokenizer, encoder, train)) / len(train)
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True,
                                            gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -198,7 +199,7 @@ def eval_setups(args, task: str, base, tokenizer, test, results: dict) -> None:
 
     cfg = _cfg(args, task)
     model = _fresh_lora(base, cfg).eval()
-    encoder = Encoder(tokenizer, task, cfg.data.template)
+    encoder = Encoder(tokenizer, BUILTIN[task], cfg.data.template)
     accelerator = Accelerator()
     n_gen = min(args.generate_questions, len(test))
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -303,7 +304,7 @@ def main(argv=None) -> int:
     base = tokenizer = None
     for task in args.tasks:
         cfg = _cfg(args, task)
-        splits = load_splits(cfg.data.path, task, cfg.data.val_fraction, cfg.data.split_seed)
+        splits = load_splits(cfg.data.path, BUILTIN[task], cfg.data.val_fraction, cfg.data.split_seed)
         if {"a", "b", "eval"} & set(args.setups) and base is None:
             from accelerate import Accelerator
 
@@ -314,7 +315,7 @@ def main(argv=None) -> int:
             from .model import load_tokenizer
             from .offline_models import resolve_model_path
             tokenizer = load_tokenizer(resolve_model_path(args.model))
-        encoder = Encoder(tokenizer, task, cfg.data.template)
+        encoder = Encoder(tokenizer, BUILTIN[task], cfg.data.template)
         lens = [len(encoder.encode(e.text, e.label).prompt_ids) + len(encoder.candidates[e.label])
                 for e in splits["train"]]
         mean_len = sum(lens) / len(lens)

@@ -11,7 +11,8 @@ from .config import ConfigError, load_config, reference_markdown
 def parse(argv: list[str] | None, description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None):
     parser = argparse.ArgumentParser(description=description,
                                      epilog="Overrides are dotted config keys, e.g. train.lr=1e-4 data.task=fine.")
-    parser.add_argument("--config", help="YAML run config (configs/*.yaml); defaults apply where omitted")
+    parser.add_argument("--config", help="YAML run config (configs/*.yaml); defaults apply where omitted; without "
+                        "it, an adapter=DIR override's own config.yaml")
     parser.add_argument("--help-config", action="store_true", help="print every config key with its default and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     if extra:
@@ -20,6 +21,9 @@ def parse(argv: list[str] | None, description: str, extra: Callable[[argparse.Ar
     if args.help_config:
         print(reference_markdown())
         sys.exit(0)
+    if args.config is None:  # an adapter's own training config, where one is given
+        from .model import adapter_config
+        return args, load_config(adapter_config(args.overrides), args.overrides)
     return args, load_config(args.config, args.overrides)
 
 
@@ -32,8 +36,9 @@ def expected_errors() -> tuple[type[Exception], ...]:
     from .memory import OutOfMemory
     from .model import ModelLoadError
     from .offline_models import OfflineModelError
+    from .task import TaskError
     return (CheckpointError, ConfigError, DataError, EvalError, LaunchError, ModelLoadError, OfflineModelError,
-            OutOfMemory, PromptTokenError)
+            OutOfMemory, PromptTokenError, TaskError)
 
 
 def main(body: Callable[[], object]) -> int:

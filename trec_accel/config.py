@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import errno
+import json
 import os
 import re
 import tempfile
@@ -19,6 +20,7 @@ from typing import Any
 import yaml
 
 from .files import write_atomic
+from .task import TaskError, load_task
 
 
 class ConfigError(ValueError):
@@ -70,7 +72,13 @@ class DataConfig:
     path: str = _f("CogComp/trec", "Hub dataset id, a folder with train_5500.label/TREC_10.label or "
                    "train/test .jsonl/.csv/.parquet, or one such file. `${TREC_DATA_DIR:-CogComp/trec}` style "
                    "environment references are expanded.")
-    task: str = _f("coarse", "coarse (6 labels) or fine (50 labels).", ("coarse", "fine"))
+    task: str | dict = _f("coarse", "The labels to classify into: the TREC tasks coarse (6 labels) or fine (50), a "
+                          "task file (YAML: labels, optional descriptions and instruction; a relative path starts at "
+                          "the working directory), or that mapping inline (README: Your own labels). Loading the "
+                          "config reads the file: the saved config holds the task itself.")
+    text_column: str = _f("text", "Column of the text to classify in .jsonl/.csv/.parquet files and hub datasets.")
+    label_column: str = _f("label", "Column of the label: a label name of the task, or its id (0-based). For the "
+                           "TREC tasks, the hub's coarse_label / fine_label columns serve when it is absent.")
     val_fraction: float = _f(0.1, "Share of shuffled train held out as validation (floor; 545 of 5,452).")
     split_seed: int = _f(42, "Seed of the train/validation shuffle (the notebook's 42).")
     template: str = _f("notebook", "Prompt: the notebook's `[INST] ... [/INST]\\n question = LABEL`, or the "
@@ -160,7 +168,18 @@ def _expand_env(value: str) -> str:
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
-    if typ is bool:
+    if typing.get_args(typ):  # a union: the first of its types that takes the value
+        for arm in typing.get_args(typ):
+            try:
+                return _coerce(key, value, arm)
+            except ConfigError:
+                pass
+        names = " or ".join(a.__name__ for a in typing.get_args(typ))
+        raise ConfigError(f"{key}: expected {names}, got {value!r}")
+    if typ is dict:
+        if isinstance(value, dict):
+            return value
+    elif typ is bool:
         if isinstance(value, bool):
             return value
     elif typ is int:
@@ -309,6 +328,10 @@ def validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    try:  # the task file is read once, here: from now on the config holds the task itself
+        d.task = load_task(d.task).spec()
+    except TaskError as e:
+        raise ConfigError(str(e)) from None
 
 
 def to_dict(cfg: Config) -> dict:
@@ -321,8 +344,10 @@ def flat_dict(cfg: Config) -> dict[str, Any]:
         for k, v in d.items():
             if isinstance(v, dict):
                 yield from walk(v, f"{prefix}{k}.")
+            elif isinstance(v, list):  # a task's labels may be mappings (name: description)
+                yield prefix + k, ",".join(x if isinstance(x, str) else json.dumps(x) for x in v)
             else:
-                yield prefix + k, ",".join(v) if isinstance(v, list) else v
+                yield prefix + k, v
     return dict(walk(to_dict(cfg), ""))
 
 

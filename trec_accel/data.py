@@ -1,14 +1,16 @@
-"""Loading the TREC question-classification data into plain ``Example`` lists.
+"""Loading a task's data (TREC's, or any with the task's labels) into plain ``Example`` lists.
 
 Three kinds of source are accepted (see :func:`load_trec`):
 
-1. a folder with the original Li & Roth files ``train_5500.label`` / ``TREC_10.label``,
-   parsed byte-exactly like the Hugging Face ``CogComp/trec`` loader;
+1. a folder with the original Li & Roth files ``train_5500.label`` / ``TREC_10.label`` (the built-in TREC
+   tasks), parsed byte-exactly like the Hugging Face ``CogComp/trec`` loader;
 2. a folder with ``train``/``validation``/``test`` ``.jsonl``/``.csv``/``.parquet`` files,
    or a single such file (which becomes the train split);
 3. a Hugging Face hub dataset id (anything that is not an existing local path).
 
-Every bad row is collected and reported in one :class:`DataError`; nothing is dropped.
+Rows have a text column and a label column (``data.text_column``, ``data.label_column``); a label is a name of
+the task's or an id into its labels. Every bad row is collected and reported in one :class:`DataError`; nothing
+is dropped.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from trec_accel.labels import COARSE_LABELS, FINE_LABELS, TASKS, coarse_of, label_names
+from trec_accel.labels import COARSE_LABELS, FINE_LABELS, coarse_of
+from trec_accel.task import COARSE, FINE, Task
 
 LABEL_TRAIN_FILE = "train_5500.label"
 LABEL_TEST_FILE = "TREC_10.label"
@@ -37,7 +40,7 @@ MAX_REPORTED = 20
 @dataclass(frozen=True)
 class Example:
     text: str  # the question
-    label: int  # id into label_names(task)
+    label: int  # id into the task's labels
     index: int  # 0-based row position in its split as loaded (before any shuffling)
     source: str  # "file:line" (1-based) / "file[row]" (parquet) / "hub:id[split][row]"
 
@@ -61,7 +64,7 @@ class _Problems:
         n = len(self.items)
         shown = "; ".join(self.items[:MAX_REPORTED])
         more = f"; ... and {n - MAX_REPORTED} more" if n > MAX_REPORTED else ""
-        raise DataError(f"{n} bad row{'s' if n != 1 else ''} in the TREC data: {shown}{more}")
+        raise DataError(f"{n} bad row{'s' if n != 1 else ''} in the data: {shown}{more}")
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -73,18 +76,39 @@ def _not_utf8(err: UnicodeDecodeError) -> str:
     return f"not valid UTF-8 ({err.reason} at byte {err.start}): save the file as UTF-8"
 
 
-def _check_task(task: str) -> tuple[str, ...]:
-    try:
-        return label_names(task)
-    except ValueError as err:
-        raise DataError(str(err)) from None
+@dataclass(frozen=True)
+class Schema:
+    """What a row must hold: the text column, and the label column with a name or id of `task`."""
+    task: Task
+    text: str = "text"
+    label: str = "label"
+    # 'coarse' or 'fine' for the built-in TREC tasks, whose data may give fine labels for coarse ones.
+    trec: str | None = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "trec", {COARSE: "coarse", FINE: "fine"}.get(self.task))
+
+    def label_column(self, columns: Iterable[str]) -> str | None:
+        """The column that carries the label, or None if there is none. For the TREC tasks, when `label` is absent:
+        CogComp/trec's columns, which hold ids."""
+        cols = set(columns)
+        if self.label in cols:
+            return self.label
+        fallbacks = (f"{self.trec}_label", "fine_label") if self.trec and self.label == "label" else ()
+        return next((name for name in fallbacks if name in cols), None)
+
+    def missing_label(self) -> str:
+        hub = {"coarse": " (or HF-style 'coarse_label' or 'fine_label')", "fine": " (or HF-style 'fine_label')"}
+        return f"missing column '{self.label}'" + (hub[self.trec] if self.trec and self.label == "label" else "")
 
 
 # --------------------------------------------------------------------------- .label files
 
 
-def _parse_label_file(path: Path, task: str, problems: _Problems) -> list[Example]:
-    names = label_names(task)
+def _parse_label_file(path: Path, task: Task, problems: _Problems) -> list[Example]:
+    if task not in (COARSE, FINE):
+        raise DataError(f"{path}: TREC's .label files hold the built-in coarse and fine labels, not the "
+                        f"{task.name} task's; give .jsonl/.csv/.parquet files")
     examples: list[Example] = []
     with open(path, "rb") as f:
         # Iterating a binary file splits on b"\n" only, exactly like the HF loader does.
@@ -108,7 +132,7 @@ def _parse_label_file(path: Path, task: str, problems: _Problems) -> list[Exampl
             if not text.strip():
                 problems.add(source, "empty text")
                 continue
-            label = names.index(fine if task == "fine" else coarse_of(fine))
+            label = task.label_id(fine if task == FINE else coarse_of(fine))
             examples.append(Example(text=text, label=label, index=lineno - 1, source=source))
     if not examples and not problems.items:
         raise DataError(f"{path} holds no questions")
@@ -118,76 +142,63 @@ def _parse_label_file(path: Path, task: str, problems: _Problems) -> list[Exampl
 # --------------------------------------------------------------------------- tabular rows
 
 
-def _label_columns(columns: Iterable[str], task: str) -> str | None:
-    """The column that carries the label for ``task``, or None if there is none."""
-    cols = set(columns)
-    for name in ("label", f"{task}_label", "fine_label"):
-        if name in cols:
-            return name
-    return None
-
-
-def _missing_label_column(task: str) -> str:
-    hf = "'coarse_label' or 'fine_label'" if task == "coarse" else "'fine_label'"
-    return f"missing column 'label' (or HF-style {hf})"
-
-
-def _label_id(value: Any, column: str, task: str) -> int | str:
-    """Label id of one cell, or a reason string when the value is not usable."""
-    names = label_names(task)
+def _label_id(value: Any, column: str, schema: Schema) -> int | str:
+    """Label id of one cell, or a reason string when the value is not usable. A text naming a label is that label;
+    an integer (or a text of one) is an id."""
+    task = schema.task
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return f"missing value in column '{column}'"
     if isinstance(value, str):
         stripped = value.strip()
         if not stripped:
             return f"empty value in column '{column}'"
+        if column == schema.label and task.label_id(stripped) is not None:
+            return task.label_id(stripped)
         if stripped.lstrip("-").isdigit():
             value = int(stripped)
-        elif column != "label":
+        elif column != schema.label:
             return f"column '{column}' must hold int ids, got {_short(value)}"
-        elif stripped in names:
-            return names.index(stripped)
-        elif task == "coarse" and stripped in FINE_LABELS:
+        elif schema.trec == "coarse" and stripped in FINE_LABELS:
             return COARSE_LABELS.index(coarse_of(stripped))
         else:
-            return f"unknown {task} label {_short(value)}"
+            return f"unknown {task.name} label {_short(value)}"
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         return f"label must be a label name or an int id, got {_short(value)}"
     value = int(value)
-    if column == "fine_label" and task == "coarse":
+    if column == "fine_label" and schema.trec == "coarse":
         if not 0 <= value < len(FINE_LABELS):
             return f"unknown fine label id {value} (expected 0..{len(FINE_LABELS) - 1})"
         return COARSE_LABELS.index(coarse_of(FINE_LABELS[value]))
-    if not 0 <= value < len(names):
-        return f"unknown {task} label id {value} (expected 0..{len(names) - 1})"
+    if not 0 <= value < len(task.labels):
+        return f"unknown {task.name} label id {value} (expected 0..{len(task.labels) - 1})"
     return value
 
 
 Row = tuple[str, Mapping[str, Any] | str]  # (source, row dict or the reason it could not be read)
 
 
-def _rows_to_examples(rows: Iterable[Row], task: str, problems: _Problems) -> list[Example]:
+def _rows_to_examples(rows: Iterable[Row], schema: Schema, problems: _Problems) -> list[Example]:
     """Turn (source, row) pairs into Examples, recording every bad row."""
     examples: list[Example] = []
     for index, (source, row) in enumerate(rows):
         if isinstance(row, str):
             problems.add(source, row)
             continue
-        if "text" not in row:
-            problems.add(source, "missing column 'text'")
+        if schema.text not in row:
+            problems.add(source, f"missing column '{schema.text}'")
             continue
-        column = _label_columns(row, task)
+        column = schema.label_column(row)
         if column is None:
-            problems.add(source, _missing_label_column(task))
+            problems.add(source, schema.missing_label())
             continue
-        text = row["text"]
+        text = row[schema.text]
         if not isinstance(text, str):
             problems.add(source, "empty text" if text is None else f"text must be a string, got {_short(text)}")
             continue
         if not text.strip():
             problems.add(source, "empty text")
             continue
-        label = _label_id(row[column], column, task)
+        label = _label_id(row[column], column, schema)
         if isinstance(label, str):
             problems.add(source, label)
             continue
@@ -195,14 +206,15 @@ def _rows_to_examples(rows: Iterable[Row], task: str, problems: _Problems) -> li
     return examples
 
 
-def _check_header(where: str, columns: list[str], task: str) -> None:
+def _check_header(where: str, columns: list[str], schema: Schema) -> None:
     missing = []
-    if "text" not in columns:
-        missing.append("missing column 'text'")
-    if _label_columns(columns, task) is None:
-        missing.append(_missing_label_column(task))
+    if schema.text not in columns:
+        missing.append(f"missing column '{schema.text}'")
+    if schema.label_column(columns) is None:
+        missing.append(schema.missing_label())
     if missing:
-        raise DataError(f"{where}: {' and '.join(missing)}; found columns {columns}")
+        raise DataError(f"{where}: {' and '.join(missing)}; found columns {columns} (set data.text_column and "
+                        "data.label_column to the names used)")
 
 
 def _read_text(path: Path, problems: _Problems, encoding: str = "utf-8", newline: str | None = None) -> io.StringIO:
@@ -239,13 +251,14 @@ def _jsonl_rows(path: Path, problems: _Problems) -> Iterator[Row]:
             yield source, obj
 
 
-def _csv_rows(path: Path, task: str, problems: _Problems) -> Iterator[Row]:
+def _csv_rows(path: Path, schema: Schema, problems: _Problems) -> Iterator[Row]:
     with _read_text(path, problems, "utf-8-sig", newline="") as f:
         reader = csv.reader(f)
         columns = next(reader, [])
         if not columns:
-            raise DataError(f"{path}: empty CSV file, expected a header with 'text' and 'label' columns")
-        _check_header(str(path), columns, task)
+            raise DataError(f"{path}: empty CSV file, expected a header with '{schema.text}' and '{schema.label}' "
+                            "columns")
+        _check_header(str(path), columns, schema)
         # Report the line where a record starts (quoted fields may span several lines).
         start = reader.line_num + 1
         for fields in reader:
@@ -271,28 +284,28 @@ def _read_parquet(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
     return list(table.column_names), table.to_pylist()
 
 
-def _parquet_rows(path: Path, task: str) -> Iterator[Row]:
+def _parquet_rows(path: Path, schema: Schema) -> Iterator[Row]:
     try:
         columns, rows = _read_parquet(path)
     except Exception as err:  # corrupt file, unsupported schema, ...
         raise DataError(f"{path}: could not read parquet file ({type(err).__name__}: {err})") from None
-    _check_header(str(path), columns, task)
+    _check_header(str(path), columns, schema)
     for i, row in enumerate(rows):
         yield f"{path}[{i}]", row
 
 
-def _load_tabular(path: Path, task: str, problems: _Problems) -> list[Example]:
+def _load_tabular(path: Path, schema: Schema, problems: _Problems) -> list[Example]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows: Iterable[Row] = _jsonl_rows(path, problems)
     elif suffix == ".csv":
-        rows = _csv_rows(path, task, problems)
+        rows = _csv_rows(path, schema, problems)
     elif suffix == ".parquet":
-        rows = _parquet_rows(path, task)
+        rows = _parquet_rows(path, schema)
     else:
         raise DataError(f"{path}: unsupported file type, expected one of {', '.join(TABULAR_SUFFIXES)}")
 
-    examples = _rows_to_examples(rows, task, problems)
+    examples = _rows_to_examples(rows, schema, problems)
     if not examples and not problems.items:
         raise DataError(f"{path} holds no rows")
     return examples
@@ -308,27 +321,27 @@ def _find_split_file(folder: Path, split: str) -> Path | None:
     return found[0] if found else None
 
 
-def _load_folder(folder: Path, task: str, problems: _Problems) -> dict[str, list[Example]]:
+def _load_folder(folder: Path, schema: Schema, problems: _Problems) -> dict[str, list[Example]]:
     if (folder / LABEL_TRAIN_FILE).is_file():
-        splits = {"train": _parse_label_file(folder / LABEL_TRAIN_FILE, task, problems)}
+        splits = {"train": _parse_label_file(folder / LABEL_TRAIN_FILE, schema.task, problems)}
         if (folder / LABEL_TEST_FILE).is_file():
-            splits["test"] = _parse_label_file(folder / LABEL_TEST_FILE, task, problems)
+            splits["test"] = _parse_label_file(folder / LABEL_TEST_FILE, schema.task, problems)
         return splits
     files = {split: _find_split_file(folder, split) for split in SPLITS}
     train_file = files["train"]
     if train_file is None:
         expected = ", ".join(f"train{s}" for s in TABULAR_SUFFIXES)
-        raise DataError(f"{folder}: no TREC data found; expected {LABEL_TRAIN_FILE} (+ {LABEL_TEST_FILE}) "
+        raise DataError(f"{folder}: no data found; expected {LABEL_TRAIN_FILE} (+ {LABEL_TEST_FILE}) "
                         f"or one of {expected}")
-    return {split: _load_tabular(file, task, problems) for split, file in files.items() if file is not None}
+    return {split: _load_tabular(file, schema, problems) for split, file in files.items() if file is not None}
 
 
-def _load_local(path: Path, task: str, problems: _Problems) -> dict[str, list[Example]]:
+def _load_local(path: Path, schema: Schema, problems: _Problems) -> dict[str, list[Example]]:
     if path.is_dir():
-        return _load_folder(path, task, problems)
+        return _load_folder(path, schema, problems)
     if path.suffix == ".label":
-        return {"train": _parse_label_file(path, task, problems)}
-    return {"train": _load_tabular(path, task, problems)}
+        return {"train": _parse_label_file(path, schema.task, problems)}
+    return {"train": _load_tabular(path, schema, problems)}
 
 
 def _looks_local(path: str) -> bool:
@@ -342,7 +355,7 @@ def _looks_local(path: str) -> bool:
     )
 
 
-def _load_hub(name: str, task: str, problems: _Problems) -> dict[str, list[Example]]:
+def _load_hub(name: str, schema: Schema, problems: _Problems) -> dict[str, list[Example]]:
     try:
         import datasets
 
@@ -359,32 +372,33 @@ def _load_hub(name: str, task: str, problems: _Problems) -> dict[str, list[Examp
             continue
         ds = dataset_dict[split]
         where = f"hub:{name}[{split}]"
-        _check_header(where, list(ds.column_names), task)
+        _check_header(where, list(ds.column_names), schema)
         rows = ((f"{where}[{i}]", row) for i, row in enumerate(ds))
-        splits[split] = _rows_to_examples(rows, task, problems)
+        splits[split] = _rows_to_examples(rows, schema, problems)
     if "train" not in splits:
         raise DataError(f"hub dataset '{name}' has no 'train' split (found {list(dataset_dict)})")
     return splits
 
 
-def load_trec(path: str, task: str) -> dict[str, list[Example]]:
-    """Load the raw splits ("train" and, where present, "validation"/"test") found at ``path``.
+def load_trec(path: str, schema: Schema | Task) -> dict[str, list[Example]]:
+    """Load the raw splits ("train" and, where present, "validation"/"test") found at ``path``; a Task for `schema`
+    means the default columns.
 
     Raises DataError listing every bad row ("file:line: reason") if any row is unusable.
     """
-    _check_task(task)
+    schema = schema if isinstance(schema, Schema) else Schema(schema)
     raw = os.fspath(path)
     local = Path(raw).expanduser()
     problems = _Problems()
     if local.exists():
-        splits = _load_local(local, task, problems)
+        splits = _load_local(local, schema, problems)
     elif _looks_local(raw):
         raise DataError(
             f"data path '{raw}' does not exist; expected a folder with {LABEL_TRAIN_FILE} "
             f"or train.jsonl/.csv/.parquet, or a single .jsonl/.csv/.parquet file"
         )
     else:
-        splits = _load_hub(raw, task, problems)
+        splits = _load_hub(raw, schema, problems)
     problems.raise_if_any()
     return splits
 
@@ -410,10 +424,10 @@ def split_train_validation(
 
 
 def load_splits(
-    path: str, task: str, val_fraction: float = 0.1, split_seed: int = 42
+    path: str, schema: Schema | Task, val_fraction: float = 0.1, split_seed: int = 42
 ) -> dict[str, list[Example]]:
     """Return {"train", "validation"[, "test"]}; validation is split off train unless the source has one."""
-    raw = load_trec(path, task)
+    raw = load_trec(path, schema)
     if "validation" in raw:
         train, validation = raw["train"], raw["validation"]
     else:
@@ -424,10 +438,17 @@ def load_splits(
     return splits
 
 
+def load_data(data, task: Task) -> dict[str, list[Example]]:
+    """The splits that the config's `data` section names, for `task`."""
+    return load_splits(data.path, Schema(task, data.text_column, data.label_column), data.val_fraction,
+                       data.split_seed)
+
+
 __all__ = [
-    "TASKS",
     "DataError",
     "Example",
+    "Schema",
+    "load_data",
     "load_splits",
     "load_trec",
     "split_train_validation",

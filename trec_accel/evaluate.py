@@ -6,21 +6,22 @@ from pathlib import Path
 
 from .batching import Encoder
 from .config import check_output_dir
-from .data import load_splits, load_trec
+from .data import Schema, load_data, load_trec
 from .memory import EVAL_MEMORY_SETTINGS, out_of_memory
 from .model import check_adapter, context_length, load_for_inference
 from .reports import format_report, plot_confusion_matrix, write_json, write_jsonl
 from .runtime import start
 from .scoring import EvalError, evaluate_examples
+from .task import Task, load_task
 
 
-def select_split(cfg, splits: dict) -> tuple[str, list]:
+def select_split(cfg, task: Task, splits: dict) -> tuple[str, list]:
     """The examples named by eval.split: a split of data.path, or a data file of its own."""
     name = cfg.eval.split
     if name in splits:
         examples = splits[name]
     elif Path(name).exists():
-        loaded = load_trec(name, cfg.data.task)
+        loaded = load_trec(name, Schema(task, cfg.data.text_column, cfg.data.label_column))
         examples = loaded.get("test") or loaded.get("train") or []
     else:
         raise EvalError(f"unknown split '{name}': {cfg.data.path} has {', '.join(sorted(splits))} "
@@ -35,15 +36,15 @@ def run(cfg) -> dict:
     if cfg.adapter:  # before the data: a wrong adapter is the clearer error
         check_adapter(cfg.adapter, cfg)
     check_output_dir(cfg.output_dir)  # else an unwritable folder shows only after the evaluation
-    split, examples = select_split(cfg, load_splits(cfg.data.path, cfg.data.task, cfg.data.val_fraction,
-                                                    cfg.data.split_seed))
+    task = load_task(cfg.data.task)
+    split, examples = select_split(cfg, task, load_data(cfg.data, task))
     runtime = start(cfg)
     model, tokenizer = load_for_inference(cfg, runtime, cfg.adapter)
-    encoder = Encoder(tokenizer, cfg.data.task, cfg.data.template, context_length(model))
+    encoder = Encoder(tokenizer, task, cfg.data.template, context_length(model))
     with runtime.accelerator.autocast(), out_of_memory("evaluation", EVAL_MEMORY_SETTINGS):
         metrics, rows = evaluate_examples(model, encoder, examples, runtime.accelerator, cfg.eval,
                                           cfg.eval.method)
-    metrics.update(model=cfg.model.name, adapter=cfg.adapter or None, task=cfg.data.task, split=split,
+    metrics.update(model=cfg.model.name, adapter=cfg.adapter or None, task=task.name, split=split,
                    method=cfg.eval.method)
     if runtime.is_main:
         out = Path(cfg.output_dir)

@@ -1,4 +1,5 @@
-"""TREC question-classification label sets, in Hugging Face ``CogComp/trec`` id order."""
+"""The TREC question-classification label sets, in Hugging Face ``CogComp/trec`` id order, and their instructions:
+the data of the two built-in tasks (`task.COARSE`, `task.FINE`)."""
 
 from __future__ import annotations
 
@@ -17,16 +18,24 @@ FINE_LABELS: tuple[str, ...] = (
     "NUM:period", "NUM:perc", "NUM:speed", "NUM:temp", "NUM:volsize", "NUM:weight",
 )  # fmt: skip
 
-TASKS: tuple[str, ...] = ("coarse", "fine")
+COARSE_DESCRIPTIONS: tuple[str, ...] = (
+    "abbreviation",
+    "entity (animals, colors, events, food, products, sports, terms, ...)",
+    "description or abstract concept (definitions, reasons, manners)",
+    "human being (a person, a group or organization, a title)",
+    "location (cities, countries, mountains, states, other places)",
+    "numeric value (counts, dates, distances, money, periods, sizes, ...)",
+)
 
+# The coarse instruction describes its 6 labels, the fine one lists all 50.
+COARSE_INSTRUCTION = (
+    "Classify the question into one of the following categories by the kind of answer it expects:\n"
+    + "\n".join(f"{name}: {d}" for name, d in zip(COARSE_LABELS, COARSE_DESCRIPTIONS))
+    + "\nAnswer with the category label only.")
 
-def label_names(task: str) -> tuple[str, ...]:
-    """Label names of ``task`` ("coarse" or "fine"); position = label id."""
-    if task == "coarse":
-        return COARSE_LABELS
-    if task == "fine":
-        return FINE_LABELS
-    raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+FINE_INSTRUCTION = (
+    "Classify the question into one of the following fine-grained categories, written COARSE:fine, "
+    "by the kind of answer it expects:\n" + ", ".join(FINE_LABELS) + "\nAnswer with the category label only.")
 
 
 def coarse_of(fine: str) -> str:

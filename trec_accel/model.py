@@ -13,6 +13,7 @@ from .config import Config, ConfigError
 from .forward import checkpoint_layers
 from .offline_models import BUILD_VERSION, auto_tokenizer, offline_name, portable_name, resolve_model_path
 from .runtime import Runtime
+from .task import BUILTIN, Task, TaskError, load_task
 
 log = logging.getLogger(__name__)
 
@@ -189,15 +190,29 @@ def write_adapter(model, lora_weights: dict, folder: Path, base_model: str) -> N
     save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
-def adapter_meta(cfg: Config, labels) -> dict:
+def adapter_meta(cfg: Config, task: Task) -> dict:
     """trec_accel.json: the base as configured and as another machine loads it, how to rebuild a built-in offline
-    base (its name and build version), the task, the prompt template and the labels."""
-    meta = {"model": cfg.model.name, "base_model": portable_name(cfg.model.name), "task": cfg.data.task,
-            "template": cfg.data.template, "labels": list(labels)}
+    base (its name and build version), the whole task (as a task file holds it) and the prompt template."""
+    meta = {"model": cfg.model.name, "base_model": portable_name(cfg.model.name), "task": task.to_dict(),
+            "template": cfg.data.template}
     offline = offline_name(cfg.model.name)
     if offline is not None:
         meta["offline_model"] = {"name": offline, "build_version": BUILD_VERSION}
     return meta
+
+
+def adapter_task(meta: dict, folder: Path) -> Task | None:
+    """The task an adapter was trained for: recorded whole, or by a built-in's name (adapters written before tasks
+    were recorded whole); None where the adapter records none."""
+    spec = meta.get("task")
+    if spec is None:
+        return None
+    if isinstance(spec, str) and spec not in BUILTIN:
+        raise ModelLoadError(f"{folder / ADAPTER_META}: unknown task '{spec}'")
+    try:
+        return load_task(spec, str(folder / ADAPTER_META))
+    except TaskError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def adapter_folder(adapter: str) -> Path:
@@ -208,8 +223,19 @@ def adapter_folder(adapter: str) -> Path:
     return folder
 
 
+def adapter_config(overrides) -> Path | None:
+    """The training config saved in the adapter folder that an `adapter=DIR` override names, where there is one."""
+    adapter = ""
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key == "adapter":
+            adapter = value
+    own = adapter_folder(adapter) / "config.yaml" if adapter else None
+    return own if own is not None and own.is_file() else None
+
+
 def check_adapter(adapter: str, cfg: Config) -> dict:
-    """The adapter's recorded base model and task, checked against this run's config."""
+    """The adapter's recorded metadata, its base model and task checked against this run's config."""
     folder = adapter_folder(adapter)
     if not (folder / "adapter_config.json").is_file():
         raise ModelLoadError(f"{folder} is not a PEFT adapter folder (no adapter_config.json)")
@@ -222,9 +248,13 @@ def check_adapter(adapter: str, cfg: Config) -> dict:
     if meta.get("model") and portable_name(meta["model"]) != portable_name(cfg.model.name):
         raise ModelLoadError(f"adapter {folder} was trained on base model '{meta['model']}', "
                              f"not '{cfg.model.name}' (set model.name={meta['model']})")
-    if meta.get("task") and meta["task"] != cfg.data.task:
-        raise ModelLoadError(f"adapter {folder} was trained for the {meta['task']} task, not {cfg.data.task} "
-                             f"(set data.task={meta['task']})")
+    trained, task = adapter_task(meta, folder), load_task(cfg.data.task)
+    if trained is not None and trained != task:
+        hint = f"set data.task={trained.name}" if trained.name in BUILTIN else \
+            f"set data.task to the task in {folder / ADAPTER_META}, or leave out --config to use the adapter's own"
+        other = f"another {task.name} task (its labels or instruction differ)" if trained.name == task.name else \
+            task.name
+        raise ModelLoadError(f"adapter {folder} was trained for the {trained.name} task, not {other}: {hint}")
     return meta
 
 

@@ -23,9 +23,10 @@ from typing import Sequence, TextIO
 
 from .batching import Encoder
 from .config import Config, ConfigError, load_config, reference_markdown
-from .model import adapter_folder, context_length, load_for_inference
+from .model import adapter_config, context_length, load_for_inference
 from .runtime import start
 from .scoring import EvalError, score_prompts, shared_prefix, uses_shared_prefix
+from .task import load_task
 
 # `key=value` overrides are dotted identifiers followed by '='; anything else is a question.
 _OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
@@ -35,7 +36,7 @@ ADAPTER_KEYS = ("model.name", "data.task", "data.template")
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="predict.py", description="Classify TREC questions with a trained adapter (constrained scoring).",
+        prog="predict.py", description="Classify texts with a trained adapter (constrained scoring).",
         epilog="Overrides are dotted config keys (adapter=DIR, eval.batch_size=8, ...); other arguments are "
                "questions. Arguments after '--' are always questions.")
     p.add_argument("--config", help="YAML run config; default: the adapter's own config.yaml")
@@ -69,16 +70,7 @@ def parse(argv: Sequence[str] | None):
 
 def resolve_config(config: str | None, overrides: Sequence[str]) -> Config:
     """--config (or the adapter's config.yaml) with the overrides; model/task/template from the adapter."""
-    adapter = ""
-    for o in overrides:
-        key, _, value = o.partition("=")
-        if key == "adapter":
-            adapter = value
-    own = None
-    if adapter:
-        folder = adapter_folder(adapter)
-        if (folder / "config.yaml").is_file():
-            own = folder / "config.yaml"
+    own = adapter_config(overrides)
     if config is None:
         return load_config(own, overrides)
     cfg = load_config(config, overrides)
@@ -136,7 +128,7 @@ def predict(model, encoder, questions: Sequence[str], batch_size: int, normalize
 
 def format_rows(rows: Sequence[dict], as_json: bool) -> str:
     if as_json:
-        return "".join(json.dumps(r) + "\n" for r in rows)
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return "".join(f"{r['label']}\t{r['score']:.4f}\t{r['question']}\n" for r in rows)
 
 
@@ -148,7 +140,7 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
     if not runtime.is_main:
         return []  # prediction runs on one process
     model, tokenizer = load_for_inference(cfg, runtime, cfg.adapter)
-    encoder = Encoder(tokenizer, cfg.data.task, cfg.data.template, context_length(model))
+    encoder = Encoder(tokenizer, load_task(cfg.data.task), cfg.data.template, context_length(model))
     with runtime.accelerator.autocast():
         rows = predict(model, encoder, questions, cfg.eval.batch_size, cfg.eval.normalize)
     out = stdout or sys.stdout

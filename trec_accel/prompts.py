@@ -10,28 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .labels import COARSE_LABELS, label_names
-
-COARSE_DESCRIPTIONS = {
-    "ABBR": "abbreviation",
-    "ENTY": "entity (animals, colors, events, food, products, sports, terms, ...)",
-    "DESC": "description or abstract concept (definitions, reasons, manners)",
-    "HUM": "human being (a person, a group or organization, a title)",
-    "LOC": "location (cities, countries, mountains, states, other places)",
-    "NUM": "numeric value (counts, dates, distances, money, periods, sizes, ...)",
-}
-
-
-def instruction(task: str) -> str:
-    """The classification instruction: the coarse task describes its 6 labels, the fine task lists all 50."""
-    if task == "coarse":
-        lines = [f"{name}: {COARSE_DESCRIPTIONS[name]}" for name in COARSE_LABELS]
-        return ("Classify the question into one of the following categories by the kind of answer it expects:\n"
-                + "\n".join(lines)
-                + "\nAnswer with the category label only.")
-    names = label_names(task)
-    return ("Classify the question into one of the following fine-grained categories, written COARSE:fine, "
-            "by the kind of answer it expects:\n" + ", ".join(names) + "\nAnswer with the category label only.")
+from .task import Task
 
 
 @dataclass(frozen=True)
@@ -50,12 +29,12 @@ _Q = "\x00QUESTION\x00"
 _A = "\x00ANSWER\x00"
 
 
-def _chat_parts(tokenizer, task: str) -> tuple[str, str, str]:
+def _chat_parts(tokenizer, task: Task) -> tuple[str, str, str]:
     """Split the model's chat template around a question and an answer placeholder."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("data.template=chat, but the tokenizer has no chat template; use data.template=notebook")
-    system = [{"role": "system", "content": instruction(task)}, {"role": "user", "content": _Q}]
-    folded = [{"role": "user", "content": instruction(task) + "\n\n" + _Q}]
+    system = [{"role": "system", "content": task.instruction}, {"role": "user", "content": _Q}]
+    folded = [{"role": "user", "content": task.instruction + "\n\n" + _Q}]
     for messages in (system, folded):  # some templates (Mistral's) refuse a system turn
         try:
             text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": _A}], tokenize=False)
@@ -87,10 +66,10 @@ class PromptFormat:
                       self.end if label is not None else "")
 
 
-def prompt_format(template: str, task: str, tokenizer) -> PromptFormat:
-    label_names(task)  # validates the task
+def prompt_format(template: str, task: Task, tokenizer) -> PromptFormat:
+    """The template resolved for `task`'s instruction: the notebook's `[INST] ... [/INST]` or the model's chat."""
     if template == "notebook":
-        return PromptFormat(f"[INST] {instruction(task)} [/INST]\n", " {question} =", " ", tokenizer.eos_token or "")
+        return PromptFormat(f"[INST] {task.instruction} [/INST]\n", " {question} =", " ", tokenizer.eos_token or "")
     if template == "chat":
         prefix, cue, end = _chat_parts(tokenizer, task)
         return PromptFormat(prefix, "{question}" + cue.replace("{", "{{").replace("}", "}}"), "", end)

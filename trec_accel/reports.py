@@ -7,7 +7,7 @@ written next to a run) is built from the single dict returned by
 Conventions
 -----------
 * ``labels`` are the task's label names in id order (6 coarse or 50 fine TREC
-  labels); ``gold`` / ``pred`` are integer ids into that list.
+  labels, or a task's own); ``gold`` / ``pred`` are integer ids into that list.
 * A label is *present* if it occurs in gold **or** in pred.  Macro and
   weighted averages are taken over present labels only (this is what
   scikit-learn does when ``labels=`` is set to the present labels, and what
@@ -53,6 +53,9 @@ __all__ = [
 
 # Above this many labels, plot_confusion_matrix drops absent labels by default.
 _AUTO_DROP_ABSENT_ABOVE = 20
+# The plot's label ticks are cut to this many characters; cells show counts up to this many labels.
+_TICK_CHARS = 40
+_COUNTS_UP_TO = 100
 
 
 # --------------------------------------------------------------------------
@@ -289,8 +292,9 @@ def plot_confusion_matrix(
     """Write the confusion matrix of a :func:`compute_metrics` dict as a PNG.
 
     Rows = gold, columns = predicted; cells are annotated with counts (for
-    more than 15 labels only non-zero cells, to stay legible).  The figure size
-    grows with the number of labels so 50 fine labels stay readable.
+    more than 15 labels only non-zero cells, to stay legible, and none above
+    100 labels).  The figure size grows with the number of labels so 50 fine
+    labels stay readable, up to 40 inches; ticks longer than 40 characters are cut.
 
     ``drop_absent``: drop labels that occur in neither gold nor pred (all-zero
     row and column).  ``None`` (default) drops them automatically when there
@@ -304,17 +308,18 @@ def plot_confusion_matrix(
     idx = _present_indices(metrics) if drop_absent else list(range(len(labels)))
     if not idx:  # degenerate; keep everything rather than plot nothing
         idx = list(range(len(labels)))
-    names = [labels[i] for i in idx]
+    names = [labels[i] if len(labels[i]) <= _TICK_CHARS else labels[i][: _TICK_CHARS - 1] + "…" for i in idx]
     sub = cm[np.ix_(idx, idx)]
     k = len(names)
 
-    side = max(5.0, 0.32 * k + 2.5)
+    # Several hundred labels: at most 40 inches (4,800 pixels at 120 dpi), ticks in small print, no cell counts.
+    side = min(max(5.0, 0.32 * k + 2.5), 40.0)
     fig = _new_figure((side + 1.0, side))
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(sub, interpolation="nearest", cmap="Blues", aspect="equal")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
 
-    tick_fs = 10 if k <= 15 else 7
+    tick_fs = 10 if k <= 15 else 7 if k <= _COUNTS_UP_TO else 4
     ax.set_xticks(range(k))
     ax.set_yticks(range(k))
     ax.set_xticklabels(names, rotation=90 if k > 8 else 45, ha="center" if k > 8 else "right", fontsize=tick_fs)
@@ -330,7 +335,7 @@ def plot_confusion_matrix(
 
     vmax = sub.max() if sub.size else 0
     cell_fs = 10 if k <= 15 else 6
-    for i in range(k):
+    for i in range(k if k <= _COUNTS_UP_TO else 0):
         for j in range(k):
             v = int(sub[i, j])
             if k > 15 and v == 0:

@@ -25,7 +25,7 @@ import torch
 from . import checkpoint, signals
 from .batching import Encoder, batch_rounds, collate, epoch_order, micro_batches, shard
 from .config import Config, ConfigError, TrainConfig, check_output_dir, flat_dict, save_config
-from .data import load_splits
+from .data import load_data
 from .files import publish_folder
 from .forward import parts
 from .loss import LabelLoss, batch_loss
@@ -46,6 +46,7 @@ from .reports import log_to_trackers, plot_confusion_matrix, plot_training_curve
 from .runtime import Runtime, start
 from .scoring import evaluate_examples
 from .step import TrainStep, decide_cuda_graphs, decide_shared_prefix
+from .task import Task, load_task
 from .throughput import ModelFlops, peak_flops
 
 log = logging.getLogger("trec_accel")
@@ -193,7 +194,8 @@ class TrainRecipe:
         self.start = checkpoint.load_trainer_state(self.resume_from) if self.resume_from is not None else \
             asdict(TrainState())
         self.state = TrainState.from_dict(self.start)
-        splits = load_splits(cfg.data.path, cfg.data.task, cfg.data.val_fraction, cfg.data.split_seed)
+        self.task = load_task(cfg.data.task)
+        splits = load_data(cfg.data, self.task)
         self.train_examples = splits["train"][: cfg.data.max_examples or None]
         self.val_examples = splits["validation"]
 
@@ -236,7 +238,7 @@ class TrainRecipe:
 
     def _encode_data(self) -> None:
         cfg, runtime, t = self.cfg, self.runtime, self.cfg.train
-        self.encoder = Encoder(self.tokenizer, cfg.data.task, cfg.data.template, context_length(self.model))
+        self.encoder = Encoder(self.tokenizer, self.task, cfg.data.template, context_length(self.model))
         self.encoded = [self.encoder.encode(e.text, e.label) for e in self.train_examples]
         self.encoder.count_shortened(self.encoded, "training questions", warn=runtime.is_main)
         # Encoded once for the run: prompts alone for scoring, with their labels for the loss.
@@ -476,8 +478,8 @@ class TrainRecipe:
         cfg, state, main = self.cfg, self.state, self.runtime.is_main
         summary = self.summary()
         if not self.interrupted:
-            save_adapter(self.runtime, self.loss_model, self.tokenizer, cfg, self.encoder.labels,
-                         self.out / "adapter", state.step)
+            save_adapter(self.runtime, self.loss_model, self.tokenizer, cfg, self.task, self.out / "adapter",
+                         state.step)
             if main:
                 plot_training_curves(state.history, self.out / "training_curves.png")
                 write_json(state.history, self.out / "history.json")
@@ -520,7 +522,7 @@ def validation_loss(loss_model, encoded, accelerator, batch_size: int, prefix, p
     return (total[0] / total[1]).item()
 
 
-def save_adapter(runtime: Runtime, loss_model, tokenizer, cfg: Config, labels, dest: Path, steps: int) -> None:
+def save_adapter(runtime: Runtime, loss_model, tokenizer, cfg: Config, task: Task, dest: Path, steps: int) -> None:
     """The PEFT adapter (gathered whole under FSDP / ZeRO-3), tokenizer and resolved config, published atomically."""
     accelerator = runtime.accelerator
     # Every process takes part in the gather.
@@ -540,6 +542,6 @@ def save_adapter(runtime: Runtime, loss_model, tokenizer, cfg: Config, labels, d
             write_adapter(accelerator.unwrap_model(loss_model).model, inner, tmp, portable_name(cfg.model.name))
             tokenizer.save_pretrained(str(tmp))
             save_config(cfg, tmp / "config.yaml")
-            (tmp / ADAPTER_META).write_text(json.dumps(adapter_meta(cfg, labels), indent=1))
+            (tmp / ADAPTER_META).write_text(json.dumps(adapter_meta(cfg, task), indent=1, ensure_ascii=False))
         log.info("adapter saved to %s", dest)
     accelerator.wait_for_everyone()
