@@ -42,6 +42,19 @@ def test_tokens_are_those_of_the_whole_text(encoder, tokenizer):
         assert encoder.shares_prefix(e)
 
 
+def test_encode_all_is_encode_of_each(encoder, tokenizer):
+    questions = ["Who wrote Hamlet ?", "How far is it from Denver to Aspen ?", "What is été in English ?",
+                 "Why " + "very " * 60 + "long ?"]
+    labels = [0, 1, 2, 3]
+    assert encoder.encode_all(questions) == [encoder.encode(q) for q in questions]
+    assert encoder.encode_all(questions, labels) == [encoder.encode(q, y) for q, y in zip(questions, labels)]
+    # With a context too short for the long question, both cut it the same way.
+    short = Encoder(tokenizer, encoder.task, "notebook", len(encoder.prefix_ids) + encoder.longest_label + 30)
+    cut = short.encode_all(questions, labels)
+    assert cut == [short.encode(q, y) for q, y in zip(questions, labels)]
+    assert [e.shortened for e in cut] == [False, False, False, True]
+
+
 def test_prompt_without_label_is_the_prefix_of_the_labelled_one(encoder):
     q = "What is the oldest university in the US ?"
     assert encoder.encode(q).prompt_ids == encoder.encode(q, 2).prompt_ids

@@ -111,7 +111,7 @@ def read_questions(questions: Sequence[str], file: str | None, stdin: TextIO) ->
 
 def predict(model, encoder, questions: Sequence[str], batch_size: int, normalize: str = "sum") -> list[dict]:
     """One row per question: question, label, score (of the label), scores (every label's)."""
-    encs = [encoder.encode(q) for q in questions]
+    encs = encoder.encode_all(questions)
     encoder.count_shortened(encs, "questions")
     prefix = shared_prefix(model, encoder) if uses_shared_prefix(encoder, encs) else None
     rows = []

@@ -132,7 +132,7 @@ def evaluate_examples(model, encoder: Encoder, examples, accelerator, ev, method
     if not examples:
         raise EvalError("the split to evaluate is empty")
     call_model = call_model or (lambda fn: fn(model))
-    encoded = encoded if encoded is not None else [encoder.encode(e.text) for e in examples]
+    encoded = encoded if encoded is not None else encoder.encode_all([e.text for e in examples])
     shortened = encoder.count_shortened(encoded, "questions", warn=accelerator.is_main_process)
     use_shared = shared and uses_shared_prefix(encoder, encoded, method)
     p = len(encoder.prefix_ids) if use_shared else 0
@@ -145,9 +145,10 @@ def evaluate_examples(model, encoder: Encoder, examples, accelerator, ev, method
                                leave=False, dynamic_ncols=True, disable=not accelerator.is_main_process):
         prompts = [encoded[j].prompt_ids for j in chunk]
         if method == "score":
-            scores = call_model(lambda m, q=prompts: score_prompts(m, encoder, q, prefix, ev.normalize)).cpu()
-            for j, sc in zip(chunk if counted else [], scores):
-                rows.append({"index": j, "pred": int(sc.argmax()), "scores": [round(float(x), 4) for x in sc]})
+            scores = call_model(lambda m, q=prompts: score_prompts(m, encoder, q, prefix, ev.normalize))
+            best = scores.argmax(1).tolist()
+            for j, b, sc in zip(chunk if counted else [], best, scores.tolist()):
+                rows.append({"index": j, "pred": b, "scores": [round(x, 4) for x in sc]})
         else:
             generated = generate_labels(model, encoder, prompts, ev.max_new_tokens)
             for j, (pred, text) in zip(chunk if counted else [], generated):

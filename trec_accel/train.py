@@ -239,11 +239,12 @@ class TrainRecipe:
     def _encode_data(self) -> None:
         cfg, runtime, t = self.cfg, self.runtime, self.cfg.train
         self.encoder = Encoder(self.tokenizer, self.task, cfg.data.template, context_length(self.model))
-        self.encoded = [self.encoder.encode(e.text, e.label) for e in self.train_examples]
+        encode_all = self.encoder.encode_all
+        self.encoded = encode_all([e.text for e in self.train_examples], [e.label for e in self.train_examples])
         self.encoder.count_shortened(self.encoded, "training questions", warn=runtime.is_main)
         # Encoded once for the run: prompts alone for scoring, with their labels for the loss.
-        self.val_prompts = [self.encoder.encode(e.text) for e in self.val_examples]
-        self.val_encoded = [self.encoder.encode(e.text, e.label) for e in self.val_examples]
+        self.val_prompts = encode_all([e.text for e in self.val_examples])
+        self.val_encoded = encode_all([e.text for e in self.val_examples], [e.label for e in self.val_examples])
         self.graphs = decide_cuda_graphs(t.cuda_graphs, runtime.device, runtime.backend, runtime.precision,
                                          cfg.model.attn_implementation, self.total)
         self.shared = decide_shared_prefix(t.shared_prefix, runtime.backend, t.batch_size, self.graphs.on, self.total,
