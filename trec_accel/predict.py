@@ -25,7 +25,7 @@ from .batching import Encoder
 from .config import Config, ConfigError, load_config, reference_markdown
 from .model import adapter_config, context_length, load_for_inference
 from .runtime import start
-from .scoring import EvalError, score_prompts, shared_prefix, uses_shared_prefix
+from .scoring import EvalError, best_and_scores, score_prompts, shared_prefix, uses_shared_prefix
 from .task import load_task
 
 # `key=value` overrides are dotted identifiers followed by '='; anything else is a question.
@@ -118,11 +118,10 @@ def predict(model, encoder, questions: Sequence[str], batch_size: int, normalize
     for i in range(0, len(questions), max(1, batch_size)):
         chunk = questions[i : i + batch_size]
         prompts = [e.prompt_ids for e in encs[i : i + batch_size]]
-        scores = score_prompts(model, encoder, prompts, prefix, normalize).cpu()
-        for q, sc in zip(chunk, scores):
-            k = int(sc.argmax())
-            rows.append({"question": q, "label": encoder.labels[k], "score": round(float(sc[k]), 4),
-                         "scores": {name: round(float(x), 4) for name, x in zip(encoder.labels, sc)}})
+        scores = score_prompts(model, encoder, prompts, prefix, normalize)
+        for q, (k, sc) in zip(chunk, best_and_scores(scores)):
+            rows.append({"question": q, "label": encoder.labels[k], "score": sc[k],
+                         "scores": dict(zip(encoder.labels, sc))})
     return rows
 
 

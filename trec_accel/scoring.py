@@ -79,6 +79,12 @@ def score_prompts(model, encoder: Encoder, prompts: Sequence[list[int]], prefix:
     return scores / trie.lengths.to(device) if normalize == "mean" else scores
 
 
+def best_and_scores(scores: torch.Tensor) -> list[tuple[int, list[float]]]:
+    """Per row of a (questions, labels) score matrix: the best label's id and every label's score, rounded to 4
+    decimals as predictions show them; one transfer from the device."""
+    return [(best, [round(x, 4) for x in row]) for best, row in zip(scores.argmax(1).tolist(), scores.tolist())]
+
+
 @torch.no_grad()
 def generate_labels(model, encoder: Encoder, prompts: Sequence[list[int]],
                     max_new_tokens: int) -> list[tuple[int, str]]:
@@ -146,9 +152,8 @@ def evaluate_examples(model, encoder: Encoder, examples, accelerator, ev, method
         prompts = [encoded[j].prompt_ids for j in chunk]
         if method == "score":
             scores = call_model(lambda m, q=prompts: score_prompts(m, encoder, q, prefix, ev.normalize))
-            best = scores.argmax(1).tolist()
-            for j, b, sc in zip(chunk if counted else [], best, scores.tolist()):
-                rows.append({"index": j, "pred": b, "scores": [round(x, 4) for x in sc]})
+            for j, (best, sc) in zip(chunk if counted else [], best_and_scores(scores)):
+                rows.append({"index": j, "pred": best, "scores": sc})
         else:
             generated = generate_labels(model, encoder, prompts, ev.max_new_tokens)
             for j, (pred, text) in zip(chunk if counted else [], generated):
