@@ -24,7 +24,7 @@ import torch
 
 from .batching import IGNORE, Encoder
 from .config import PROJECTIONS, load_config
-from .data import load_splits
+from .data import load_data
 from .task import BUILTIN
 
 GIB = 2**30
@@ -304,7 +304,7 @@ def main(argv=None) -> int:
     base = tokenizer = None
     for task in args.tasks:
         cfg = _cfg(args, task)
-        splits = load_splits(cfg.data.path, BUILTIN[task], cfg.data.val_fraction, cfg.data.split_seed)
+        splits = load_data(cfg.data, BUILTIN[task])
         if {"a", "b", "eval"} & set(args.setups) and base is None:
             from accelerate import Accelerator
 
