@@ -65,3 +65,33 @@ def test_offline_model_is_built_outside_zero3_partitioned_init(monkeypatch):
         assert is_deepspeed_zero3_enabled()  # ... and ZeRO-3 init is back on for the real load
     finally:
         unset_hf_deepspeed_config()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_merged_adapter_computes_what_the_adapter_does(tiny_model_path, tied):
+    """Inference folds the adapter into unquantized weights: the same logits, no LoRA layers left, and an lm_head
+    tied to the input embeddings leaves the embeddings as they were."""
+    from transformers import AutoModelForCausalLM
+
+    from trec_accel.model import add_lora, merge_adapter
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    if tied:  # as SmolLM2 is: one matrix for the input embeddings and the output head
+        base.get_output_embeddings().weight = base.get_input_embeddings().weight
+        base.config.tie_word_embeddings = True
+    embeddings = base.get_input_embeddings().weight.detach().clone()
+    model = add_lora(base, load_config(None, ["lora.r=4", "lora.dropout=0.0"]))
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            if "lora_B" in name:
+                w.normal_(0, 0.05)
+    ids = torch.tensor([[1, 5, 9, 13, 200], [1, 7, 3, 99, 42]])
+    with torch.no_grad():
+        expected = model.eval()(ids).logits
+        merged = merge_adapter(model)
+        got = merged(ids).logits
+    assert not [n for n, _ in merged.named_parameters() if "lora_" in n]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(merged.get_input_embeddings().weight, embeddings, rtol=0, atol=0)
+    # The adapter changed the output head (its B is non-zero): merging it into a tied head must not have been lost.
+    assert not torch.equal(merged.get_output_embeddings().weight, embeddings)

@@ -192,10 +192,29 @@ def config_runs(args, results: dict) -> None:
         print(json.dumps({name: results[name]}), flush=True)
 
 
+def _scoring_seconds(args, model, encoder, test, accelerator, cfg) -> dict:
+    """{"batch/max tokens": seconds to score the test questions}, each after a warm-up on 64 of them."""
+    from .scoring import evaluate_examples
+    by_batch = {}
+    for batch in args.eval_batch:
+        for cap in args.eval_tokens or [cfg.eval.max_batch_tokens]:
+            ev = dataclasses.replace(cfg.eval, batch_size=batch, max_batch_tokens=cap)
+            evaluate_examples(model, encoder, test[:64], accelerator, ev)  # warm-up
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            evaluate_examples(model, encoder, test, accelerator, ev)
+            torch.cuda.synchronize()
+            by_batch[f"{batch}/{cap}"] = time.perf_counter() - t
+    return by_batch
+
+
 def eval_setups(args, task: str, base, tokenizer, test, results: dict) -> None:
+    """The notebook's generation against trec-accel's scoring, with the adapter as LoRA layers and, on an
+    unquantized base, folded into the weights as scripts/evaluate.py does (`model.merge_adapter`)."""
     from accelerate import Accelerator
 
-    from .scoring import evaluate_examples, generate_labels
+    from .model import merge_adapter
+    from .scoring import generate_labels
 
     cfg = _cfg(args, task)
     model = _fresh_lora(base, cfg).eval()
@@ -210,23 +229,18 @@ def eval_setups(args, task: str, base, tokenizer, test, results: dict) -> None:
             generate_labels(model, encoder, [encoder.encode(e.text).prompt_ids], 10)
         torch.cuda.synchronize()
         gen_qps = n_gen / (time.perf_counter() - t)
-        by_batch = {}
-        for batch in args.eval_batch:
-            for cap in args.eval_tokens or [cfg.eval.max_batch_tokens]:
-                ev = dataclasses.replace(cfg.eval, batch_size=batch, max_batch_tokens=cap)
-                evaluate_examples(model, encoder, test[:64], accelerator, ev)  # warm-up
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                evaluate_examples(model, encoder, test, accelerator, ev)
-                torch.cuda.synchronize()
-                by_batch[f"{batch}/{cap}"] = time.perf_counter() - t
+        by_batch = _scoring_seconds(args, model, encoder, test, accelerator, cfg)
+        # A fresh adapter's B is zero: merging it leaves the shared base's values as they were.
+        merged = _scoring_seconds(args, merge_adapter(model), encoder, test, accelerator, cfg) \
+            if getattr(base, "hf_quantizer", None) is None else {}
     batch, score_s = min(by_batch.items(), key=lambda kv: kv[1])
     results[f"{task}/eval"] = {"generate_questions_per_s": gen_qps, "score_questions_per_s": len(test) / score_s,
                                "score_seconds_for_test": score_s, "eval_batch": batch,
                                "score_seconds_by_batch": by_batch, "n_test": len(test),
-                               "speedup": len(test) / score_s / gen_qps}
+                               "speedup": len(test) / score_s / gen_qps, "merged_seconds_by_batch": merged}
     print(json.dumps({f"{task}/eval": results[f"{task}/eval"]}), flush=True)
-    model.unload()
+    if not merged:
+        model.unload()
 
 
 def table(results: dict) -> str:
@@ -260,6 +274,11 @@ def table(results: dict) -> str:
             lines.append(f"| {task} | eval: trec-accel scoring (batch/tokens {e['eval_batch']}), {e['n_test']} "
                          f"questions in {e['score_seconds_for_test']:.2f} s "
                          f"| {e['score_questions_per_s']:.0f} q/s | | | | x{e['speedup']:.0f} vs generate |")
+            if e.get("merged_seconds_by_batch"):
+                batch, seconds = min(e["merged_seconds_by_batch"].items(), key=lambda kv: kv[1])
+                lines.append(f"| {task} | eval: the same, adapter merged into the weights (batch/tokens {batch}), "
+                             f"{e['n_test']} questions in {seconds:.2f} s | {e['n_test'] / seconds:.0f} q/s "
+                             f"| | | | x{e['n_test'] / seconds / e['generate_questions_per_s']:.0f} vs generate |")
     configs = [(k, r) for k, r in results.items() if k.startswith("config/")]
     if configs:
         lines += ["", "| config | steps | training loop s | first step s | graph capture s | peak GiB | train wall s | "

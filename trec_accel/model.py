@@ -274,6 +274,20 @@ def check_adapter_weights(model, folder: Path) -> None:
                              f"model (first: {unused[0]}); it was saved from another model or by a broken export")
 
 
+def merge_adapter(model):
+    """The base model with the adapter folded into its weights (W + scale x B A): inference then runs one matrix
+    product per projection instead of three and the adapter's Python around them (BENCHMARKS.md). Only for
+    unquantized bases: 4-bit weights would have to be quantized again. An lm_head tied to the input embeddings
+    gets weights of its own first, so that the embeddings stay the base model's."""
+    embeddings = model.get_input_embeddings().weight
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if base is not None and getattr(base, "weight", None) is embeddings:
+            base.weight = nn.Parameter(embeddings.detach().clone(), requires_grad=False)
+            model.config.tie_word_embeddings = False
+    return model.merge_and_unload()
+
+
 def load_for_inference(cfg: Config, runtime: Runtime, adapter: str = ""):
     """(model in eval mode, tokenizer): the base model, with the trained adapter when given."""
     if adapter:
@@ -286,6 +300,8 @@ def load_for_inference(cfg: Config, runtime: Runtime, adapter: str = ""):
         except Exception as e:  # noqa: BLE001
             raise ModelLoadError(f"could not load adapter {adapter}: {str(e).splitlines()[0]}") from None
         check_adapter_weights(model, Path(adapter))
+        if not plan.quantize:
+            model = merge_adapter(model)
     if plan.device_map is None:
         model = model.to(runtime.device)
     return model.eval(), tokenizer
