@@ -4,7 +4,7 @@
   predictions.jsonl (index order, preds, scores within 1e-4) and metrics.json, with 10 and 11 questions,
   zero-shot and with a 5-step adapter; every question appears exactly once.
 * metrics.json has the documented keys and agrees with numbers recomputed from predictions.jsonl; the
-  confusion-matrix plot and the printed report exist.
+  confusion-matrix plot, the printed report and the log line of the phases' seconds exist.
 * eval.method=generate runs and counts the invalid answers.
 * Bad input ends with a one-line `error:` and exit code 2.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -112,6 +113,9 @@ def test_metrics_and_reports(toy, tmp_path):
         (11, "tiny-random-mistral", None, "coarse", "test")
     assert (out / "confusion_matrix.png").stat().st_size > 0
     assert "Accuracy" in r.stdout and "Confusion Matrix" in r.stdout
+    # One log line says where the time after the imports went.
+    assert re.search(r"INFO start-up: data [\d.]+ s, accelerator [\d.]+ s, model [\d.]+ s; scoring [\d.]+ s; "
+                     r"reports [\d.]+ s$", r.stderr, re.M), r.stderr
 
     rows = read_predictions(out)
     gold = [r_["gold"] for r_ in rows]

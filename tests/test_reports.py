@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from sklearn.metrics import classification_report
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, precision_recall_fscore_support
 
 from trec_accel.reports import (
     compute_metrics,
@@ -124,6 +124,28 @@ def test_label_only_predicted_counts_in_macro():
     assert m["per_class"]["D"]["support"] == 0
     assert m["per_class"]["D"]["accuracy"] == 0.0
     assert m["confusion_matrix"][0] == [1, 0, 0, 1]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_metrics_are_sklearns(seed):
+    """compute_metrics gives scikit-learn's numbers, exactly, on random data where labels 0-6 are gold, 0-4 and 7-8
+    predicted (5-6 only gold, 7-8 only predicted) and 9 never occurs."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 300))
+    gold = rng.integers(0, 7, n)
+    pred = np.where(rng.random(n) < 0.5, gold, rng.choice([0, 1, 2, 3, 4, 7, 8], n))
+    labels = [f"L{i}" for i in range(10)]
+    m = compute_metrics(gold, pred, labels)
+    present = sorted(set(gold.tolist()) | set(pred.tolist()))
+    assert m["present_labels"] == [labels[i] for i in present]
+    assert m["accuracy"] == accuracy_score(gold, pred)
+    assert m["confusion_matrix"] == confusion_matrix(gold, pred, labels=range(10)).tolist()
+    per_label = precision_recall_fscore_support(gold, pred, labels=range(10), average=None, zero_division=0)
+    for key, values in zip(("precision", "recall", "f1", "support"), per_label):
+        assert [m["per_class"][name][key] for name in labels] == values.tolist(), key
+    for average in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(gold, pred, labels=present, average=average, zero_division=0)
+        assert (m[f"{average}_precision"], m[f"{average}_recall"], m[f"{average}_f1"]) == (p, r, f), average
 
 
 @pytest.mark.parametrize(

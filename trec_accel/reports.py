@@ -20,6 +20,10 @@ Conventions
   printed it, numerically the same as recall); it is ``0.0`` when the label has
   no gold examples (support 0).  All undefined ratios (0/0) are reported as
   ``0.0`` (``zero_division=0``).
+* The numbers are scikit-learn's (``confusion_matrix``,
+  ``precision_recall_fscore_support``, ``accuracy_score``), computed with
+  numpy: importing scikit-learn (with scipy and pandas) would add a second or
+  more to every script's start-up.  ``tests/test_reports.py`` compares them.
 
 Plots use matplotlib's Agg canvas directly (no pyplot, no global backend
 switch), so they work headless and do not interfere with other code.
@@ -33,11 +37,6 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    confusion_matrix,
-    precision_recall_fscore_support,
-)
 
 from .files import atomic_file, write_atomic
 
@@ -91,19 +90,12 @@ def compute_metrics(gold: Sequence[int], pred: Sequence[int], labels: Sequence[s
     * ``n`` -- number of evaluated items.
     """
     labels, y_true, y_pred = _checked_ids(gold, pred, labels)
-    all_ids = list(range(len(labels)))
-    present = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
-
-    cm = confusion_matrix(y_true, y_pred, labels=all_ids)
-    prec, rec, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=all_ids, average=None, zero_division=0
-    )
-    macro = precision_recall_fscore_support(
-        y_true, y_pred, labels=present, average="macro", zero_division=0
-    )
-    weighted = precision_recall_fscore_support(
-        y_true, y_pred, labels=present, average="weighted", zero_division=0
-    )
+    k = len(labels)
+    cm = np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
+    prec, rec, f1, support = _per_label(cm)
+    present = np.flatnonzero(cm.sum(0) + support).tolist()  # occur in gold or pred
+    macro = [float(s[present].mean()) for s in (prec, rec, f1)]
+    weighted = [float(np.average(s[present], weights=support[present])) for s in (prec, rec, f1)]
 
     per_class: dict[str, dict[str, Any]] = {}
     for i, name in enumerate(labels):
@@ -117,19 +109,32 @@ def compute_metrics(gold: Sequence[int], pred: Sequence[int], labels: Sequence[s
         }
 
     return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(macro[2]),
-        "weighted_f1": float(weighted[2]),
-        "macro_precision": float(macro[0]),
-        "macro_recall": float(macro[1]),
-        "weighted_precision": float(weighted[0]),
-        "weighted_recall": float(weighted[1]),
+        "accuracy": float(np.trace(cm) / y_true.size),
+        "macro_f1": macro[2],
+        "weighted_f1": weighted[2],
+        "macro_precision": macro[0],
+        "macro_recall": macro[1],
+        "weighted_precision": weighted[0],
+        "weighted_recall": weighted[1],
         "per_class": per_class,
         "confusion_matrix": [[int(v) for v in row] for row in cm],
         "labels": labels,
         "present_labels": [labels[i] for i in present],
         "n": int(y_true.size),
     }
+
+
+def _per_label(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(precision, recall, F1, support) of every label from the confusion matrix, each ratio 0.0 where it is 0/0:
+    the numbers of scikit-learn's ``precision_recall_fscore_support(average=None, zero_division=0)``, F1 taken as
+    it takes it, 2 tp / (support + predicted), which is 0/0 only where both are 0."""
+    tp = np.diag(cm).astype(np.float64)
+    predicted, support = cm.sum(0), cm.sum(1)
+    return _ratio(tp, predicted), _ratio(tp, support), _ratio(2 * tp, support + predicted), support
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.divide(num, den, out=np.zeros(len(num)), where=den != 0)
 
 
 def _checked_ids(gold: Sequence[int], pred: Sequence[int], labels: Sequence[str]):

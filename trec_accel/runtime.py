@@ -3,6 +3,7 @@ precision. Training, evaluation and prediction start here and ask the `Runtime` 
 state, so that each of these decisions is made in one place."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,3 +84,9 @@ def start(cfg: Config, gradient_accumulation_steps: int = 1) -> Runtime:
                               step_scheduler_with_optimizer=False)
     check_joined(accelerator)
     return Runtime.of(accelerator, cfg.model.dtype)
+
+
+def show_logs(runtime: Runtime) -> None:
+    """INFO logs on stderr, from the main process only: the others would repeat them."""
+    if runtime.is_main:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
