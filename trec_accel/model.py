@@ -302,6 +302,7 @@ def load_for_inference(cfg: Config, runtime: Runtime, adapter: str = ""):
         check_adapter_weights(model, Path(adapter))
         if not plan.quantize:
             model = merge_adapter(model)
+            log.info("adapter %s merged into the base weights", adapter)
     if plan.device_map is None:
         model = model.to(runtime.device)
     return model.eval(), tokenizer

@@ -43,7 +43,7 @@ from .model import (
 )
 from .offline_models import portable_name
 from .reports import log_to_trackers, plot_confusion_matrix, plot_training_curves, write_json
-from .runtime import Runtime, start
+from .runtime import Runtime, show_logs, start
 from .scoring import evaluate_examples
 from .step import TrainStep, decide_cuda_graphs, decide_shared_prefix
 from .task import Task, load_task
@@ -202,8 +202,7 @@ class TrainRecipe:
         self.runtime = start(cfg, cfg.train.grad_accum)
         self.accelerator = self.runtime.accelerator
         configure_backend(self.runtime, cfg.train)
-        if self.runtime.is_main:
-            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        show_logs(self.runtime)
         if stop_requested(self.accelerator, self.flag):
             return False
         if self.runtime.is_main:
