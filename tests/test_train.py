@@ -185,6 +185,20 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, toy_data):
     assert read_json(out / "train_summary.json")["sessions"] == 3
 
 
+def test_validation_runs_the_instruction_once_whatever_training_does(tmp_path, toy_data, monkeypatch):
+    """With the training step on full sequences (train.shared_prefix=off), validation scoring still runs the
+    instruction once for the whole set, and scores as full sequences do (tests/test_forward.py)."""
+    from trec_accel import scoring
+    calls = []
+    real = scoring.shared_prefix
+    monkeypatch.setattr(scoring, "shared_prefix", lambda *a, **k: calls.append(1) or real(*a, **k))
+    summary = run_inprocess([f"output_dir={tmp_path / 'run'}", *data_overrides(toy_data), *SMALL,
+                             "train.max_steps=2", "train.shared_prefix=off"])
+    assert summary["shared_prefix"] is False
+    assert calls == [1]  # one validation at the end, one instruction pass
+    assert "val/accuracy" in read_json(tmp_path / "run" / "history.json")[-1]
+
+
 # --------------------------------------------------------------------------- 3. signal-triggered checkpoint
 
 

@@ -446,10 +446,13 @@ class TrainRecipe:
         cfg, accelerator, loss_model = self.cfg, self.accelerator, self.loss_model
         loss_model.eval()
         with self.clock.paused(), out_of_memory("validation", EVAL_MEMORY_SETTINGS):
-            # Scoring runs inside the wrapped module's forward, where FSDP and ZeRO-3 have gathered the weights.
+            # Scoring runs inside the wrapped module's forward, where FSDP and ZeRO-3 have gathered the weights. It
+            # runs the instruction once for the whole set whatever the training step does: without gradients there
+            # is no second pass per step to weigh. FSDP keeps full sequences, as its training does.
             metrics, _ = evaluate_examples(accelerator.unwrap_model(loss_model).model, self.encoder,
-                                           self.val_examples, accelerator, cfg.eval, "score", self.prefix is not None,
-                                           call_model=lambda fn: loss_model(call=fn), encoded=self.val_prompts)
+                                           self.val_examples, accelerator, cfg.eval, "score",
+                                           self.runtime.backend != "fsdp", call_model=lambda fn: loss_model(call=fn),
+                                           encoded=self.val_prompts)
             val_loss = validation_loss(loss_model, self.val_encoded, accelerator, cfg.eval.batch_size, self.prefix,
                                        self.tokenizer.pad_token_id)
         loss_model.train()
