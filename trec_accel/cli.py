@@ -46,6 +46,8 @@ def main(body: Callable[[], object]) -> int:
     try:
         body()
     except expected_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+        # One write of the whole line: processes of one launch that fail together do not interleave their lines.
+        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.flush()
         return 2
     return 0
