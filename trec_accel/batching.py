@@ -50,7 +50,7 @@ class Encoder:
         self.tokenizer, self.task, self.labels = tokenizer, task, task.labels
         self.format = prompt_format(template, task, tokenizer)
         p = self.prompt("What is this ?")
-        ids, offsets = self._tokens(p.text)
+        (ids,), (offsets,) = self._tokens([p.text])
         # The instruction's tokens as they come out inside a whole prompt (BOS included).
         self.prefix_ids: list[int] = [t for t, (s, e) in zip(ids, offsets) if e <= len(p.prefix)]
         # Candidate label sequences (answer + end), the same after every question: checked in `encode`.
@@ -67,24 +67,22 @@ class Encoder:
                                    f"{len(bare.prompt_ids) + self.longest_label} tokens, more than the model's "
                                    f"context of {max_length}: use a model with a longer context")
 
-    def _tokens(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    def _tokens(self, texts: Sequence[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+        """Token ids and character offsets of every text, in one call into the Rust tokenizer."""
+        enc = self.tokenizer(list(texts), add_special_tokens=True, return_offsets_mapping=True)
         return enc["input_ids"], enc["offset_mapping"]
 
     def prompt(self, question: str, label: int | None = None) -> Prompt:
         return self.format.render(question, None if label is None else self.labels[label])
 
     def encode(self, question: str, label: int | None = None) -> Encoded:
-        return self._checked(question, label, self._encode(question, label))
+        return self.encode_all([question], None if label is None else [label])[0]
 
     def encode_all(self, questions: Sequence[str], labels: Sequence[int] | None = None) -> list[Encoded]:
         """`encode` of every question (with its label where `labels` is given), the tokenizer run once over all
         of them: a data set costs one call into the Rust tokenizer instead of one per question."""
         labels = [None] * len(questions) if labels is None else labels
-        prompts = [self.prompt(q, y) for q, y in zip(questions, labels)]
-        tokens = self.tokenizer([p.text for p in prompts], add_special_tokens=True, return_offsets_mapping=True)
-        return [self._checked(q, y, self._split(p, ids, offsets)) for q, y, p, ids, offsets
-                in zip(questions, labels, prompts, tokens["input_ids"], tokens["offset_mapping"])]
+        return [self._checked(q, y, enc) for q, y, enc in zip(questions, labels, self._encode_all(questions, labels))]
 
     def _checked(self, question: str, label: int | None, enc: Encoded) -> Encoded:
         """`enc` (the encoding of `question`) checked against the label's candidate, and cut to fit the context."""
@@ -112,8 +110,13 @@ class Encoder:
         return n
 
     def _encode(self, question: str, label: int | None) -> Encoded:
-        p = self.prompt(question, label)
-        return self._split(p, *self._tokens(p.text))
+        return self._encode_all([question], [label])[0]
+
+    def _encode_all(self, questions: Sequence[str], labels: Sequence[int | None]) -> list[Encoded]:
+        """The prompts of `questions` (with `labels` where not None), tokenized and split; not yet checked."""
+        prompts = [self.prompt(q, y) for q, y in zip(questions, labels)]
+        ids, offsets = self._tokens([p.text for p in prompts])
+        return [self._split(p, i, o) for p, i, o in zip(prompts, ids, offsets)]
 
     def _split(self, p: Prompt, ids: list[int], offsets: list[tuple[int, int]]) -> Encoded:
         """A tokenized prompt cut into its prompt and answer tokens by the characters' offsets."""
