@@ -35,7 +35,7 @@ def main() -> int:
     runtime = start(cfg)  # bf16 autocast where the model's dtype is bf16, as in training
     acc = runtime.accelerator
     base, tok, _ = load_base(cfg, runtime)
-    model = add_lora(base, cfg)
+    model = add_lora(base, cfg, sharded=False)
     with torch.no_grad():  # LoRA B starts at zero: give it weights so that every gradient is non-trivial
         for n, w in model.named_parameters():
             if "lora_B" in n:

@@ -60,7 +60,7 @@ def main():
     enc = Encoder(tok, task, cfg.data.template)
     splits = load_data(cfg.data, task)
     if args.eval:
-        model = add_lora(base, cfg).eval()
+        model = add_lora(base, cfg, sharded=False).eval()
 
         def run():
             return evaluate_examples(model, enc, splits["test"], acc, cfg.eval)
@@ -72,7 +72,7 @@ def main():
                 wall = timed(run)
         report(prof, wall, f"evaluation of {len(splits['test'])} questions")
         return
-    model = add_lora(prepare_for_training(base, cfg), cfg)
+    model = add_lora(prepare_for_training(base, cfg), cfg, sharded=False)
     _, total = parameter_counts(model)
     encs = [enc.encode(e.text, e.label) for e in splits["train"]]
     order = epoch_order([len(e.prompt_ids) for e in encs], cfg.seed, 0, True, args.batch)

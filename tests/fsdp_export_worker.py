@@ -18,7 +18,7 @@ def build(path):
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return add_lora(model, load_config(None, ["model.name=tiny-random-mistral", "lora.dropout=0"]))
+    return add_lora(model, load_config(None, ["model.name=tiny-random-mistral", "lora.dropout=0"]), sharded=True)
 
 
 def train(loss_model, batch, steps=3):

@@ -19,7 +19,7 @@ def lora_model(tiny_model_path):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
     cfg = load_config(None, ["lora.r=4", "lora.dropout=0.0", "model.name=tiny-random-mistral"])
-    model = add_lora(model, cfg)
+    model = add_lora(model, cfg, sharded=False)
     # LoRA B starts at zero; give the adapters weights so their gradients are all non-trivial.
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -35,7 +35,7 @@ def checkpointed_model(tiny_model_path, lora_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
     cfg = load_config(None, ["lora.r=4", "lora.dropout=0.0", "model.name=tiny-random-mistral",
                              "model.gradient_checkpointing=true"])
-    model = add_lora(prepare_for_training(model, cfg), cfg)
+    model = add_lora(prepare_for_training(model, cfg), cfg, sharded=False)
     model.load_state_dict(lora_model.state_dict())
     return model
 

@@ -70,8 +70,9 @@ class _StepTimer:
 
 
 def _fresh_lora(base, cfg):
+    """peft's own LoRA layers: what the baselines run, and the reference the fused groups are timed against."""
     from .model import add_lora
-    return add_lora(base, cfg)
+    return add_lora(base, dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, fused="off")), sharded=False)
 
 
 def reference_setups(args, task: str, base, tokenizer, train, results: dict) -> None:
@@ -209,10 +210,12 @@ def _scoring_seconds(args, model, encoder, test, accelerator, cfg) -> dict:
 
 
 def eval_setups(args, task: str, base, tokenizer, test, results: dict) -> None:
-    """The notebook's generation against trec-accel's scoring, with the adapter as LoRA layers and, on an
-    unquantized base, folded into the weights as scripts/evaluate.py does (`model.merge_adapter`)."""
+    """The notebook's generation against trec-accel's scoring, with the adapter as peft's LoRA layers, as fused
+    groups (`lora.fused`, what scripts/evaluate.py runs on a 4-bit base) and, on an unquantized base, folded into the
+    weights as scripts/evaluate.py does there (`model.merge_adapter`)."""
     from accelerate import Accelerator
 
+    from .lora_groups import fuse_lora
     from .model import merge_adapter
     from .scoring import generate_labels
 
@@ -230,6 +233,8 @@ def eval_setups(args, task: str, base, tokenizer, test, results: dict) -> None:
         torch.cuda.synchronize()
         gen_qps = n_gen / (time.perf_counter() - t)
         by_batch = _scoring_seconds(args, model, encoder, test, accelerator, cfg)
+        fuse_lora(model, "on", sharded=False)
+        fused = _scoring_seconds(args, model, encoder, test, accelerator, cfg)
         # A fresh adapter's B is zero: merging it leaves the shared base's values as they were.
         merged = _scoring_seconds(args, merge_adapter(model), encoder, test, accelerator, cfg) \
             if getattr(base, "hf_quantizer", None) is None else {}
@@ -237,7 +242,8 @@ def eval_setups(args, task: str, base, tokenizer, test, results: dict) -> None:
     results[f"{task}/eval"] = {"generate_questions_per_s": gen_qps, "score_questions_per_s": len(test) / score_s,
                                "score_seconds_for_test": score_s, "eval_batch": batch,
                                "score_seconds_by_batch": by_batch, "n_test": len(test),
-                               "speedup": len(test) / score_s / gen_qps, "merged_seconds_by_batch": merged}
+                               "speedup": len(test) / score_s / gen_qps, "fused_seconds_by_batch": fused,
+                               "merged_seconds_by_batch": merged}
     print(json.dumps({f"{task}/eval": results[f"{task}/eval"]}), flush=True)
     if not merged:
         model.unload()
@@ -274,11 +280,13 @@ def table(results: dict) -> str:
             lines.append(f"| {task} | eval: trec-accel scoring (batch/tokens {e['eval_batch']}), {e['n_test']} "
                          f"questions in {e['score_seconds_for_test']:.2f} s "
                          f"| {e['score_questions_per_s']:.0f} q/s | | | | x{e['speedup']:.0f} vs generate |")
-            if e.get("merged_seconds_by_batch"):
-                batch, seconds = min(e["merged_seconds_by_batch"].items(), key=lambda kv: kv[1])
-                lines.append(f"| {task} | eval: the same, adapter merged into the weights (batch/tokens {batch}), "
-                             f"{e['n_test']} questions in {seconds:.2f} s | {e['n_test'] / seconds:.0f} q/s "
-                             f"| | | | x{e['n_test'] / seconds / e['generate_questions_per_s']:.0f} vs generate |")
+            for key, what in (("fused_seconds_by_batch", "LoRA layers fused in groups"),
+                              ("merged_seconds_by_batch", "adapter merged into the weights")):
+                if e.get(key):
+                    batch, seconds = min(e[key].items(), key=lambda kv: kv[1])
+                    lines.append(f"| {task} | eval: the same, {what} (batch/tokens {batch}), {e['n_test']} questions "
+                                 f"in {seconds:.2f} s | {e['n_test'] / seconds:.0f} q/s | | | | "
+                                 f"x{e['n_test'] / seconds / e['generate_questions_per_s']:.0f} vs generate |")
     configs = [(k, r) for k, r in results.items() if k.startswith("config/")]
     if configs:
         lines += ["", "| config | steps | training loop s | first step s | graph capture s | peak GiB | train wall s | "

@@ -65,6 +65,11 @@ class LoraConfig:
     dropout: float = _f(0.1, "Dropout on the LoRA input.")
     target_modules: list = _f(PROJECTIONS + ["lm_head"],
                               "Modules that get adapters (the notebook's 7 projections + lm_head).")
+    fused: str = _f("auto", "Run the LoRA layers that read one input (q/k/v, gate/up) as one group: one dropout kernel "
+                    "(a mask per layer, as peft draws them), one product with the stacked A matrices, and each "
+                    "layer's B product added to its base output in one call; fewer kernels than peft's forward, the "
+                    "same results. auto: on, except under FSDP and ZeRO-3 (they gather each layer's weights when it "
+                    "is called).", ("auto", "on", "off"))
 
 
 @dataclass

@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import Config, ConfigError
 from .forward import checkpoint_layers
+from .lora_groups import fuse_lora
 from .offline_models import BUILD_VERSION, auto_tokenizer, offline_name, portable_name, resolve_model_path
 from .runtime import Runtime
 from .task import BUILTIN, Task, TaskError, load_task
@@ -133,7 +134,9 @@ def prepare_for_training(model, cfg: Config):
     return model
 
 
-def add_lora(model, cfg: Config):
+def add_lora(model, cfg: Config, *, sharded: bool):
+    """The model with LoRA adapters (peft), run as fused groups where `lora.fused` allows (`sharded`: the backend
+    is FSDP or ZeRO-3)."""
     from peft import LoraConfig, get_peft_model
     lc = cfg.lora
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
@@ -142,7 +145,9 @@ def add_lora(model, cfg: Config):
         raise ConfigError(f"lora.target_modules: {', '.join(missing)} not found in {cfg.model.name}")
     config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
                         bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    fuse_lora(model, lc.fused, sharded)
+    return model
 
 
 def parameter_counts(model) -> tuple[int, int]:
@@ -303,6 +308,8 @@ def load_for_inference(cfg: Config, runtime: Runtime, adapter: str = ""):
         if not plan.quantize:
             model = merge_adapter(model)
             log.info("adapter %s merged into the base weights", adapter)
+        else:
+            fuse_lora(model, cfg.lora.fused, runtime.sharded)
     if plan.device_map is None:
         model = model.to(runtime.device)
     return model.eval(), tokenizer

@@ -224,7 +224,7 @@ class TrainRecipe:
     def _load_model(self) -> None:
         cfg, runtime = self.cfg, self.runtime
         model, self.tokenizer, plan = load_base(cfg, runtime)
-        self.model = add_lora(prepare_for_training(model, cfg), cfg)
+        self.model = add_lora(prepare_for_training(model, cfg), cfg, sharded=runtime.sharded)
         if runtime.backend == "fsdp":
             # FSDP-1 flattens each wrapped unit into one parameter that must be all trainable or all frozen:
             # peft's policy wraps every LoRA layer in a unit of its own.
