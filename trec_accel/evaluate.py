@@ -62,6 +62,10 @@ def run(cfg) -> dict:
         # the process's wall time is Python's start and the package's imports (torch).
         log.info("start-up: data %.2f s, accelerator %.2f s, model %.2f s; scoring %.2f s; reports %.2f s",
                  t1 - t0, t2 - t1, t3 - t2, t4 - t3, time.perf_counter() - t4)
+    # Every process ends together and takes its process group down: one that exits while the others still hold
+    # theirs can abort in the backend's threads ("terminate called without an active exception", seen with gloo).
+    runtime.accelerator.wait_for_everyone()
+    runtime.accelerator.end_training()
     return metrics
 
 
