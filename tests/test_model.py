@@ -41,10 +41,12 @@ def test_backend_is_read_from_the_accelerator(kind, stage, backend):
 
 
 @pytest.mark.parametrize("kind, stage", [(DistributedType.FSDP, 0), (DistributedType.DEEPSPEED, 3)])
-def test_paged_optimizers_are_refused_where_the_backend_shards_the_state(kind, stage):
-    cfg = load_config(None, ["train.optimizer=paged_adamw_32bit"])
-    with pytest.raises(ConfigError, match="cannot be used with"):
-        load_plan(cfg, fake_runtime(kind, processes=2, zero_stage=stage))
+@pytest.mark.parametrize("setting, says", [("train.optimizer=paged_adamw_32bit", "train.optimizer=paged_adamw_32bit"),
+                                           ("lora.fused=on", "lora.fused=on")])
+def test_settings_that_need_whole_weights_are_refused_before_loading_where_the_backend_shards(kind, stage, setting,
+                                                                                              says):
+    with pytest.raises(ConfigError, match=f"{says} cannot be used with"):
+        load_plan(load_config(None, [setting]), fake_runtime(kind, processes=2, zero_stage=stage))
 
 
 def test_offline_model_is_built_outside_zero3_partitioned_init(monkeypatch):

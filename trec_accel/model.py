@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import Config, ConfigError
 from .forward import checkpoint_layers
-from .lora_groups import fuse_lora
+from .lora_groups import decide_fused_lora, fuse_lora
 from .offline_models import BUILD_VERSION, auto_tokenizer, offline_name, portable_name, resolve_model_path
 from .runtime import Runtime
 from .task import BUILTIN, Task, TaskError, load_task
@@ -45,6 +45,7 @@ def load_plan(cfg: Config, runtime: Runtime) -> LoadPlan:
     if sharded and cfg.train.optimizer.startswith("paged"):
         raise ConfigError(f"train.optimizer={cfg.train.optimizer} cannot be used with {runtime.backend}: the backend "
                           "shards optimizer state itself; use train.optimizer=adamw")
+    decide_fused_lora(cfg.lora.fused, sharded)  # lora.fused=on under FSDP / ZeRO-3 is refused before the weights load
     # Sharding backends flatten parameters of one dtype: 4-bit weights are stored in the training dtype
     # (bnb_4bit_quant_storage) and placed by the backend, not by device_map. Elsewhere the weights load
     # straight onto this process's device, where training and evaluation use them.
