@@ -185,6 +185,22 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, toy_data):
     assert read_json(out / "train_summary.json")["sessions"] == 3
 
 
+def test_fused_lora_trains_as_peft_layers_do(tmp_path, toy_data):
+    """The same run with LoRA groups and with peft's layers, dropout on: the same losses, gradient norms and
+    validation at every step (on the CPU the groups draw the very masks peft's layers draw)."""
+    runs = {}
+    for fused in ("on", "off"):
+        run_inprocess([f"output_dir={tmp_path / fused}", *data_overrides(toy_data), *SMALL, "lora.dropout=0.1",
+                       "train.max_steps=4", "train.eval_every=2", "train.lr=1e-2", f"lora.fused={fused}"])
+        runs[fused] = read_json(tmp_path / fused / "history.json")
+    assert len(runs["on"]) == len(runs["off"]) == 4
+    for a, b in zip(runs["off"], runs["on"]):
+        for key in ("train/loss", "train/grad_norm", "val/loss", "val/accuracy"):
+            assert (key in a) == (key in b)
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+
+
 def test_validation_runs_the_instruction_once_whatever_training_does(tmp_path, toy_data, monkeypatch):
     """With the training step on full sequences (train.shared_prefix=off), validation scoring still runs the
     instruction once for the whole set, and scores as full sequences do (tests/test_forward.py)."""
