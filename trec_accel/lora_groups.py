@@ -3,10 +3,10 @@
 peft runs every LoRA layer on its own: a cast of the input to the adapter's fp32, dropout, casts of both adapter
 weights, two matrix products, a scaling and an add, and as many kernels again backward. A 135M step is thousands of
 such small kernels (BENCHMARKS.md), so their number is its cost. A group draws its members' dropout masks in one
-kernel (one mask per member, independent, as peft's separate dropouts draw them), scales and casts the
-stacked B matrices and casts the stacked A matrices once, multiplies by the A matrices in one batched product, and
-adds each member's B product to its base output in one `addmm`. Every other LoRA layer is a group of one and saves
-the casts and the scaling of activations. The frozen base projections (4-bit ones included) run as before.
+kernel (one mask per member, independent, as peft's separate dropouts draw them), casts the stacked A matrices and
+the stacked, scaled B matrices once, multiplies by the A matrices in one batched product, and adds each member's B
+product to its base output in one `addmm`. Every other LoRA layer is a group of one and saves the casts and the
+scaling of activations. The frozen base projections (4-bit ones included) run as before.
 
 The members stay peft's modules with peft's weights (saving, loading, merging and counting are peft's); only their
 `forward` is replaced. The first member called computes the whole group; the others take their outputs when called
