@@ -54,8 +54,8 @@ class Encoder:
         # The instruction's tokens as they come out inside a whole prompt (BOS included).
         self.prefix_ids: list[int] = [t for t, (s, e) in zip(ids, offsets) if e <= len(p.prefix)]
         # Candidate label sequences (answer + end), the same after every question: checked in `encode`.
-        self.candidates: list[list[int]] = [self._encode("What is this ?", i).label_ids
-                                            for i in range(len(self.labels))]
+        n = len(self.labels)
+        self.candidates: list[list[int]] = [e.label_ids for e in self._encode_all(["What is this ?"] * n, range(n))]
         if len(set(map(tuple, self.candidates))) < len(self.candidates):
             raise PromptTokenError(f"two labels of the {task.name} task are the same tokens for this tokenizer; "
                                    "make them differ in more than spacing")
