@@ -2,12 +2,14 @@ import pytest
 
 from trec_accel.batching import (
     IGNORE,
+    Encoded,
     Encoder,
     batch_rounds,
     collate,
     epoch_order,
     length_batches,
     micro_batches,
+    passes,
     shard,
 )
 from trec_accel.labels import COARSE_LABELS, FINE_LABELS
@@ -154,3 +156,18 @@ def test_length_batches_cap_items_and_padded_tokens():
         assert len(b) == 1 or len(b) * (max(lengths[j] for j in b) + 10) <= 100
     assert [len(b) for b in batches] == [4, 3, 1, 1, 1]  # short ones up to four at a time, the long tail alone
     assert [len(b) for b in length_batches(lengths, max_items=4)] == [4, 4, 2]
+
+
+def test_passes_keep_a_micro_batch_whole_under_the_cap_and_split_it_sorted_over_it():
+    # rows of 4 prefix tokens + 2..14 question and label tokens; widths after the prefix padded to 4
+    examples = [Encoded(list(range(4 + n)), [7]) for n in (5, 1, 12, 3, 6)]
+    widths = [8, 4, 16, 4, 8]
+    assert passes(examples, 4, 4, 0) == [[0, 1, 2, 3, 4]]      # no cap: one pass, the order kept
+    assert passes(examples, 4, 4, 5 * 16) == [[0, 1, 2, 3, 4]]  # 5 rows x 16 fit exactly
+    groups = passes(examples, 4, 4, 24)
+    assert sorted(j for g in groups for j in g) == [0, 1, 2, 3, 4]
+    assert [widths[j] for g in groups for j in g] == sorted(widths)  # short rows first, as length_batches cuts
+    for g in groups:
+        assert len(g) * max(widths[j] for j in g) <= 24
+    assert [len(g) for g in groups] == [3, 1, 1]                # 4, 4, 8 | 8 | 16: the long tail alone
+    assert passes(examples, 4, 4, 1) == [[1], [3], [0], [4], [2]]  # a single row always makes a pass

@@ -122,3 +122,18 @@ def test_two_processes_with_activation_checkpointing(runs, tmp_path):
     assert [s for s, _ in got] == [s for s, _ in want]
     for (_, a), (_, b) in zip(got, want):
         assert a == pytest.approx(b, rel=LOSS_RTOL)
+
+
+def test_two_processes_with_a_token_cap(runs, tmp_path):
+    """train.max_batch_tokens=1 runs each process's two rows of a micro-batch as two backward passes, of which
+    only the last all-reduces: the same losses and final adapter as whole micro-batches."""
+    import torch
+    out = tmp_path / "capped"
+    train(2, out, runs["data"], "train.max_batch_tokens=1")
+    got, want = losses(out), losses(runs["two"])
+    assert [s for s, _ in got] == [s for s, _ in want]
+    for (_, a), (_, b) in zip(got, want):
+        assert a == pytest.approx(b, rel=LOSS_RTOL)
+    wa, wb = lora_weights(runs["two"] / "adapter"), lora_weights(out / "adapter")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5, msg=k)

@@ -201,6 +201,38 @@ def test_fused_lora_trains_as_peft_layers_do(tmp_path, toy_data):
                 assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
 
 
+@pytest.mark.parametrize("shared", ["on", "off"])
+def test_a_token_cap_runs_the_same_steps_in_more_passes(tmp_path, toy_data, monkeypatch, shared):
+    """train.max_batch_tokens=1 runs every row of a micro-batch as a pass of its own: the same losses and gradient
+    norms at every step as whole micro-batches (dropout off), with and without the shared prefix."""
+    from trec_accel import step
+    calls = []
+    monkeypatch.setattr(step.TrainStep, "__call__", lambda self, batch, scale, _call=step.TrainStep.__call__:
+                        calls.append(batch.input_ids.shape[0]) or _call(self, batch, scale))
+    runs = {}
+    for cap in (0, 1):
+        calls.clear()
+        run_inprocess([f"output_dir={tmp_path / str(cap)}", *data_overrides(toy_data), *SMALL, "lora.dropout=0",
+                       "train.max_steps=4", "train.eval_every=0", "train.lr=1e-2", f"train.shared_prefix={shared}",
+                       f"train.max_batch_tokens={cap}"])
+        runs[cap] = read_json(tmp_path / str(cap) / "history.json")
+        assert calls == ([2] * 8 if cap == 0 else [1] * 16)  # 4 steps x 2 micro-batches of 2 rows
+    for a, b in zip(runs[0], runs[1], strict=True):
+        for key in ("train/loss", "train/grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+
+
+def test_a_token_cap_is_refused_where_the_backend_counts_backward_passes():
+    from types import SimpleNamespace
+
+    from trec_accel.config import ConfigError, TrainConfig
+    from trec_accel.train import configure_backend
+    for backend in ("deepspeed", "zero3", "fsdp"):
+        with pytest.raises(ConfigError, match=f"train.max_batch_tokens cannot be used with {backend}"):
+            configure_backend(SimpleNamespace(backend=backend), TrainConfig(max_batch_tokens=4096))
+    configure_backend(SimpleNamespace(backend="ddp"), TrainConfig(max_batch_tokens=4096))
+
+
 def test_validation_runs_the_instruction_once_whatever_training_does(tmp_path, toy_data, monkeypatch):
     """With the training step on full sequences (train.shared_prefix=off), validation scoring still runs the
     instruction once for the whole set, and scores as full sequences do (tests/test_forward.py)."""
@@ -421,16 +453,15 @@ def test_trackers_record_the_run(tmp_path, toy_data, monkeypatch, tracker):
 
 def test_step_decisions_fall_back_where_they_cannot_run():
     """CUDA graphs and the shared prefix: on where they pay, off with a reason where they cannot run or do not pay."""
-    from trec_accel.step import GRAPHS_MAX_PARAMETERS, decide_cuda_graphs, decide_shared_prefix
+    from trec_accel.step import decide_cuda_graphs, decide_shared_prefix
     cuda, cpu, small, large = torch.device("cuda"), torch.device("cpu"), 135_000_000, 7_000_000_000
-    assert decide_cuda_graphs("auto", cuda, "single", "bf16", "sdpa", small).on
-    assert decide_cuda_graphs("on", cuda, "single", "bf16", "sdpa", large).on
-    for args, why in [(("auto", cpu, "single", "bf16", "sdpa", small), "CUDA"),
-                      (("on", cuda, "ddp", "bf16", "sdpa", small), "ddp backend"),
-                      (("on", cuda, "single", "fp16", "sdpa", small), "fp16"),
-                      (("on", cuda, "single", "bf16", "flash_attention_2", small), "FlashAttention-2"),
-                      (("auto", cuda, "single", "bf16", "sdpa", GRAPHS_MAX_PARAMETERS + 1), "bound by arithmetic"),
-                      (("off", cuda, "single", "bf16", "sdpa", small), "train.cuda_graphs=off")]:
+    assert decide_cuda_graphs("auto", cuda, "single", "bf16", "sdpa").on
+    assert decide_cuda_graphs("on", cuda, "single", "bf16", "sdpa").on
+    for args, why in [(("auto", cpu, "single", "bf16", "sdpa"), "CUDA"),
+                      (("on", cuda, "ddp", "bf16", "sdpa"), "ddp backend"),
+                      (("on", cuda, "single", "fp16", "sdpa"), "fp16"),
+                      (("on", cuda, "single", "bf16", "flash_attention_2"), "FlashAttention-2"),
+                      (("off", cuda, "single", "bf16", "sdpa"), "train.cuda_graphs=off")]:
         d = decide_cuda_graphs(*args)
         assert not d.on and why in d.why, (args, d)
     assert decide_shared_prefix("auto", "single", 32, True, small, 0).on

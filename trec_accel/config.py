@@ -110,11 +110,16 @@ class TrainConfig:
                             "BENCHMARKS.md). Falls back to full sequences (logged) where it cannot run.",
                             ("auto", "on", "off"))
     cuda_graphs: str = _f("auto", "Replay each micro-batch's forward and backward from a CUDA graph captured once per "
-                          "batch shape. auto: on for one CUDA process and models up to 2B parameters (launch-bound); "
-                          "falls back to eager steps (logged) where it cannot run.", ("auto", "on", "off"))
+                          "batch shape. auto: on for one CUDA process, at any model size (the 7B shape: +35% once "
+                          "captured, BENCHMARKS.md); falls back to eager steps (logged) where it cannot run.",
+                          ("auto", "on", "off"))
     pad_multiple: int = _f(8, "Pad each micro-batch's width to a multiple of this many tokens, so that batch shapes "
                            "repeat (one CUDA graph per shape).")
     group_by_length: bool = _f(False, "Batch questions of similar length together (shuffled in mega-batches).")
+    max_batch_tokens: int = _f(0, "At most this many padded tokens (rows x width, after the shared prefix) per forward "
+                               "and backward pass: a micro-batch over it runs as several passes of length-sorted rows, "
+                               "with the same gradient, so its longest questions no longer set the peak memory; one "
+                               "process or DDP (0 = no cap).")
     log_every: int = _f(10, "Log loss, lr, grad norm, tokens/s and memory every N optimizer steps.")
     eval_every: int = _f(0, "Validation loss and accuracy every N steps (0 = only at the end).")
     save_every: int = _f(100, "Checkpoint every N steps (0 = only on signal and at the end).")
@@ -321,6 +326,7 @@ def validate(cfg: Config) -> None:
         (t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0"),
         (t.log_every > 0, "train.log_every must be > 0"),
         (t.pad_multiple > 0, "train.pad_multiple must be > 0"),
+        (t.max_batch_tokens >= 0, "train.max_batch_tokens must be >= 0 (0 = no cap)"),
         (t.eval_every >= 0 and t.save_every >= 0, "train.eval_every and train.save_every must be >= 0"),
         (t.keep_last > 0, "train.keep_last must be > 0"),
         (e.batch_size > 0, "eval.batch_size must be > 0"),

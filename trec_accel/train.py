@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, signals
-from .batching import Encoder, batch_rounds, collate, epoch_order, micro_batches, shard
+from .batching import Encoded, Encoder, batch_rounds, collate, epoch_order, micro_batches, passes, shard
 from .config import Config, ConfigError, TrainConfig, check_output_dir, flat_dict, save_config
 from .data import load_data
 from .files import publish_folder
@@ -51,7 +51,8 @@ from .throughput import ModelFlops, peak_flops
 
 log = logging.getLogger("trec_accel")
 
-TRAIN_MEMORY_SETTINGS = ("a smaller train.batch_size (a larger train.grad_accum keeps the global batch), "
+TRAIN_MEMORY_SETTINGS = ("a smaller train.batch_size (a larger train.grad_accum keeps the global batch) or "
+                         "train.max_batch_tokens (the same batches, in more passes), "
                          "model.gradient_checkpointing=true, or train.cuda_graphs=off")
 
 
@@ -76,7 +77,12 @@ def make_scheduler(t: TrainConfig, optimizer, total_steps: int):
 
 
 def configure_backend(runtime: Runtime, t: TrainConfig) -> None:
-    """Hand DeepSpeed the batch and clipping it would otherwise take from a dataloader."""
+    """Refuse what the backend cannot run, before the model loads; hand DeepSpeed the batch and clipping it would
+    otherwise take from a dataloader."""
+    if t.max_batch_tokens and runtime.backend not in ("single", "ddp"):
+        # DeepSpeed counts backward passes to find the end of an accumulation window, and FSDP reduces in hooks.
+        raise ConfigError(f"train.max_batch_tokens cannot be used with {runtime.backend}: it runs a micro-batch in "
+                          "several backward passes; lower train.batch_size and raise train.grad_accum instead")
     if runtime.backend in ("deepspeed", "zero3"):
         ds = runtime.accelerator.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = t.batch_size
@@ -245,7 +251,7 @@ class TrainRecipe:
         self.val_prompts = encode_all([e.text for e in self.val_examples])
         self.val_encoded = encode_all([e.text for e in self.val_examples], [e.label for e in self.val_examples])
         self.graphs = decide_cuda_graphs(t.cuda_graphs, runtime.device, runtime.backend, runtime.precision,
-                                         cfg.model.attn_implementation, self.total)
+                                         cfg.model.attn_implementation)
         self.shared = decide_shared_prefix(t.shared_prefix, runtime.backend, t.batch_size, self.graphs.on, self.total,
                                            sum(not self.encoder.shares_prefix(e) for e in self.encoded))
         self.prefix = self.encoder.prefix_ids if self.shared.on else None
@@ -374,12 +380,8 @@ class TrainRecipe:
         scale = t.grad_accum * world / n_global
         with out_of_memory("training", TRAIN_MEMORY_SETTINGS, lambda: self.step_fn.last_shape):
             for idx in window:
-                batch = collate([self.encoded[i] for i in shard(idx, rank, world)], self.tokenizer.pad_token_id,
-                                self.prefix, self.label_slots, t.pad_multiple)
-                self.tokens_seen += batch.n_tokens  # counted on the CPU tensors: no device sync
-                self.flops_seen += self.flops.of(batch)
                 with accelerator.accumulate(self.loss_model):
-                    self.loss_sum += self.step_fn(batch, scale)
+                    self._micro_batch([self.encoded[i] for i in shard(idx, rank, world)], scale)
             self.grad_norm = accelerator.clip_grad_norm_(self.params, t.max_grad_norm or float("inf"))
             self.optimizer.step()
             # CUDA graphs hold the gradients' addresses: they are zeroed, not freed, while graphs are on.
@@ -388,6 +390,21 @@ class TrainRecipe:
         self.scheduler.step()
         self.clock.step_done()
         self.sequences += sum(len(idx) for idx in window)
+
+    def _micro_batch(self, examples: list[Encoded], scale: float) -> None:
+        """Forward and backward of this process's share of one micro-batch, in passes of at most
+        train.max_batch_tokens. Under DDP only the last pass all-reduces: every process runs exactly one
+        synchronising pass per micro-batch, however many passes its share takes."""
+        t = self.cfg.train
+        groups = passes(examples, len(self.prefix or ()), t.pad_multiple, t.max_batch_tokens)
+        for k, rows in enumerate(groups):
+            batch = collate([examples[i] for i in rows], self.tokenizer.pad_token_id, self.prefix, self.label_slots,
+                            t.pad_multiple)
+            self.tokens_seen += batch.n_tokens  # counted on the CPU tensors: no device sync
+            self.flops_seen += self.flops.of(batch)
+            last = k == len(groups) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.loss_model):
+                self.loss_sum += self.step_fn(batch, scale)
 
     def _after_step(self, epoch_fraction: float) -> bool:
         """Log, validate and checkpoint as configured; whether training ends at this step."""
