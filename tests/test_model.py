@@ -97,3 +97,129 @@ def test_merged_adapter_computes_what_the_adapter_does(tiny_model_path, tied):
     torch.testing.assert_close(merged.get_input_embeddings().weight, embeddings, rtol=0, atol=0)
     # The adapter changed the output head (its B is non-zero): merging it into a tied head must not have been lost.
     assert not torch.equal(merged.get_output_embeddings().weight, embeddings)
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("mode, quantized, adapter, sharded, free, on, says", [
+    ("off", True, True, False, 100 * GIB, False, "eval.dequantize=off"),
+    ("on", False, True, False, 100 * GIB, False, "not quantized"),
+    ("auto", True, False, False, 100 * GIB, False, "nothing to merge"),
+    ("auto", True, True, True, 100 * GIB, False, "FSDP and ZeRO-3"),
+    ("auto", True, True, False, 21 * GIB, True, "20.0 GiB needed"),
+    ("auto", True, True, False, 19 * GIB, False, "too little free memory: 20.0 GiB needed (the dequantized weights "
+                                                 "10.0 GiB more, scoring 10 GiB), 19.0 GiB free"),
+    ("on", True, True, False, 0, True, "eval.dequantize=on"),
+])
+def test_dequantize_decision(mode, quantized, adapter, sharded, free, on, says):
+    from trec_accel.model import DEQUANTIZE_HEADROOM, decide_dequantize
+    assert DEQUANTIZE_HEADROOM == 10 * GIB  # the figures above
+    decision = decide_dequantize(mode, quantized, adapter, sharded, free, 10 * GIB)
+    assert decision.on is on and says in decision.why
+
+
+def test_dequantize_on_is_refused_where_the_backend_shards_before_the_weights_load():
+    from trec_accel.model import decide_dequantize
+    with pytest.raises(ConfigError, match="eval.dequantize=on cannot be used with FSDP or ZeRO-3"):
+        decide_dequantize("on", True, True, True, 100 * GIB, 0)
+    # CUDA, so that the base would load in 4-bit; fp32, so that no GPU is asked whether it supports bf16.
+    fsdp = fake_runtime(DistributedType.FSDP, processes=2, device="cuda", dtype="fp32")
+    with pytest.raises(ConfigError, match="eval.dequantize=on cannot be used with FSDP or ZeRO-3"):
+        load_plan(load_config(None, ["eval.dequantize=on", "adapter=runs/x/adapter"]), fsdp)
+    # Training loads no adapter: the setting is not its concern.
+    assert load_plan(load_config(None, ["eval.dequantize=on"]), fsdp).quantize
+
+
+def test_dequantized_extra_bytes_counts_the_4bit_layers():
+    import bitsandbytes as bnb
+
+    from trec_accel.model import dequantized_extra_bytes
+    # bitsandbytes packs the weights (two 4-bit values a byte) when they move to a device, the CPU included.
+    model = torch.nn.Sequential(bnb.nn.Linear4bit(64, 32, quant_type="nf4"),
+                                bnb.nn.Linear4bit(32, 128, quant_type="nf4"), torch.nn.Linear(8, 8)).to("cpu")
+    assert all(m.weight.bnb_quantized for m in model[:2])
+    packed = 64 * 32 // 2 + 32 * 128 // 2
+    assert dequantized_extra_bytes(model, torch.bfloat16) == (64 * 32 + 32 * 128) * 2 - packed
+    assert dequantized_extra_bytes(model, torch.float32) == (64 * 32 + 32 * 128) * 4 - packed
+
+
+def test_free_memory_is_the_least_of_every_process(monkeypatch):
+    from trec_accel.model import free_gpu_bytes
+    runtime = fake_runtime(DistributedType.MULTI_GPU, processes=2)
+    others = torch.tensor([7 * GIB])
+    # What accelerate's gather returns: this process's value and the other's, in one tensor.
+    runtime.accelerator.gather = lambda t: torch.cat([t, others])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (9 * GIB, 141 * GIB))
+    assert free_gpu_bytes(runtime) == 7 * GIB
+    others[0] = 11 * GIB
+    assert free_gpu_bytes(runtime) == 9 * GIB
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(tiny_model_path, tmp_path_factory) -> str:
+    """A PEFT adapter folder for the tiny model, every LoRA B non-zero (a trained adapter changes the outputs)."""
+    from transformers import AutoModelForCausalLM
+
+    from trec_accel.model import add_lora
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    model = add_lora(base, load_config(None, ["lora.r=4", "lora.dropout=0.0"]), sharded=False)
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            if "lora_B" in name:
+                w.normal_(0, 0.05)
+    folder = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(str(folder))
+    return str(folder)
+
+
+def load_as_4bit(monkeypatch, tiny_model_path, tokenizer, setting: str, free: int, adapter: str):
+    """load_for_inference on a base planned as 4-bit: the tiny model, whose `dequantize` records whether LoRA layers
+    were present when it was called; `free` bytes of GPU memory, 1 GiB of weights more once dequantized."""
+    from transformers import AutoModelForCausalLM
+
+    import trec_accel.model as model_module
+    from trec_accel.model import LoadPlan
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    calls = []
+
+    def dequantize(dtype):
+        calls.append((dtype, any(hasattr(m, "lora_A") for m in base.modules())))
+        return base
+    base.dequantize = dequantize
+    plan = LoadPlan(quantize=True, dtype=torch.float32, device_map={"": torch.device("cpu")}, quant_storage=None)
+    monkeypatch.setattr(model_module, "load_base", lambda cfg, runtime: (base, tokenizer, plan))
+    monkeypatch.setattr(model_module, "dequantized_extra_bytes", lambda model, dtype: GIB)
+    monkeypatch.setattr(model_module, "free_gpu_bytes", lambda runtime: free)
+    model, _ = model_module.load_for_inference(load_config(None, [setting]), fake_runtime(), adapter)
+    ids = torch.tensor([[1, 5, 9, 13, 200], [1, 7, 3, 99, 42]])
+    with torch.no_grad():
+        logits = model(ids).logits
+    return model, calls, logits
+
+
+def test_a_4bit_base_is_dequantized_before_the_adapter_attaches_and_the_adapter_merged(monkeypatch, tiny_model_path,
+                                                                                        tokenizer, lora_adapter):
+    merged, calls, logits = load_as_4bit(monkeypatch, tiny_model_path, tokenizer, "eval.dequantize=auto", 100 * GIB,
+                                         lora_adapter)
+    assert calls == [(torch.float32, False)]  # the plan's dtype, no LoRA layers yet
+    assert not any(hasattr(m, "lora_A") for m in merged.modules())
+    # The same model as the fuse path's, which keeps the 4-bit base and the adapter as LoRA layers.
+    lora, calls, expected = load_as_4bit(monkeypatch, tiny_model_path, tokenizer, "eval.dequantize=off", 100 * GIB,
+                                         lora_adapter)
+    assert calls == []
+    assert any(hasattr(m, "lora_A") for m in lora.modules())
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    # The adapter is in both: the base alone scores otherwise.
+    assert not torch.allclose(logits, load_as_4bit(monkeypatch, tiny_model_path, tokenizer, "eval.dequantize=off",
+                                                   100 * GIB, "")[2], atol=1e-3)
+
+
+def test_auto_keeps_the_4bit_base_where_memory_is_short(monkeypatch, tiny_model_path, tokenizer, lora_adapter, caplog):
+    import logging
+    with caplog.at_level(logging.INFO):
+        model, calls, _ = load_as_4bit(monkeypatch, tiny_model_path, tokenizer, "eval.dequantize=auto", 10 * GIB,
+                                       lora_adapter)
+    assert calls == [] and any(hasattr(m, "lora_A") for m in model.modules())
+    assert "dequantized and the adapter merged: off (too little free memory: 11.0 GiB needed" in caplog.text

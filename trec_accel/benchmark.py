@@ -211,8 +211,9 @@ def _scoring_seconds(args, model, encoder, test, accelerator, cfg) -> dict:
 
 def eval_setups(args, task: str, base, tokenizer, test, results: dict) -> None:
     """The notebook's generation against trec-accel's scoring, with the adapter as peft's LoRA layers, as fused
-    groups (`lora.fused`, what scripts/evaluate.py runs on a 4-bit base) and, on an unquantized base, folded into the
-    weights as scripts/evaluate.py does there (`model.merge_adapter`)."""
+    groups (`lora.fused`, what scripts/evaluate.py runs on a 4-bit base with eval.dequantize off) and, on an
+    unquantized base, folded into the weights as scripts/evaluate.py does there (`model.merge_adapter`). A 4-bit
+    base stays 4-bit here: later setups share it; `dequantized_setups` times it dequantized, after them."""
     from accelerate import Accelerator
 
     from .lora_groups import fuse_lora
@@ -249,6 +250,28 @@ def eval_setups(args, task: str, base, tokenizer, test, results: dict) -> None:
         model.unload()
 
 
+def dequantized_setups(args, base, tokenizer, tests: dict, results: dict) -> None:
+    """Scoring each task's test questions with the 4-bit base dequantized once and a fresh adapter merged into it,
+    what scripts/evaluate.py runs with eval.dequantize on; last, since it leaves the shared base dequantized."""
+    from accelerate import Accelerator
+
+    from .model import merge_adapter
+
+    # In bf16 throughout, as scripts/evaluate.py loads it: setups a and b upcast the shared base's embeddings, norms
+    # and lm_head to fp32 (peft's prepare_model_for_kbit_training).
+    base = base.dequantize(dtype=torch.bfloat16).to(torch.bfloat16)
+    accelerator = Accelerator()
+    for task, test in tests.items():
+        cfg = _cfg(args, task)
+        encoder = Encoder(tokenizer, BUILTIN[task], cfg.data.template)
+        # A fresh adapter's B is zero: merging it leaves the base's values as they were, for the next task.
+        base = merge_adapter(_fresh_lora(base, cfg).eval())
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            seconds = _scoring_seconds(args, base, encoder, test, accelerator, cfg)
+        results[f"{task}/eval"]["dequantized_merged_seconds_by_batch"] = seconds
+        print(json.dumps({f"{task}/eval": {"dequantized_merged_seconds_by_batch": seconds}}), flush=True)
+
+
 def table(results: dict) -> str:
     lines = ["| task | setup | sequences/s | tokens/s | s/epoch | peak GiB | x (b) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -281,7 +304,9 @@ def table(results: dict) -> str:
                          f"questions in {e['score_seconds_for_test']:.2f} s "
                          f"| {e['score_questions_per_s']:.0f} q/s | | | | x{e['speedup']:.0f} vs generate |")
             for key, what in (("fused_seconds_by_batch", "LoRA layers fused in groups"),
-                              ("merged_seconds_by_batch", "adapter merged into the weights")):
+                              ("merged_seconds_by_batch", "adapter merged into the weights"),
+                              ("dequantized_merged_seconds_by_batch",
+                               "4-bit base dequantized, adapter merged into the weights")):
                 if e.get(key):
                     batch, seconds = min(e[key].items(), key=lambda kv: kv[1])
                     lines.append(f"| {task} | eval: the same, {what} (batch/tokens {batch}), {e['n_test']} questions "
@@ -300,7 +325,7 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="mistral-7b-random")
     p.add_argument("--data", default=os.environ.get("TREC_DATA_DIR", "CogComp/trec"))
@@ -321,7 +346,11 @@ def main(argv=None) -> int:
     p.add_argument("--generate-questions", type=int, default=20)
     p.add_argument("--c-overrides", nargs="*", default=[])
     p.add_argument("--out-dir", default="runs/benchmark")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         print("error: the benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -329,6 +358,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = {"gpu": torch.cuda.get_device_name(), "model": args.model, "args": vars(args)}
     base = tokenizer = None
+    tests = {}  # each task's test questions, for the dequantized base's scoring after the task loop
     for task in args.tasks:
         cfg = _cfg(args, task)
         splits = load_data(cfg.data, BUILTIN[task])
@@ -349,12 +379,15 @@ def main(argv=None) -> int:
         results[f"{task}/mean_sequence_tokens"] = mean_len
         results[f"{task}/prefix_tokens"] = len(encoder.prefix_ids)
         if "eval" in args.setups:
+            tests[task] = splits["test"]
             eval_setups(args, task, base, tokenizer, splits["test"], results)
         if {"a", "b"} & set(args.setups):
             reference_setups(args, task, base, tokenizer, splits["train"], results)
         if "c" in args.setups:
             trec_accel_setup(args, task, len(splits["train"]), mean_len, results)
         (out / "benchmark.json").write_text(json.dumps(results, indent=1))
+    if tests and getattr(base, "hf_quantizer", None) is not None:
+        dequantized_setups(args, base, tokenizer, tests, results)
     config_runs(args, results)
     (out / "benchmark.json").write_text(json.dumps(results, indent=1))
     print(table(results))
