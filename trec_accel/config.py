@@ -141,7 +141,7 @@ class EvalConfig:
     max_examples: int = _f(0, "Evaluate only the first N questions (0 = all).")
     dequantize: str = _f("auto", "With an adapter on a 4-bit base: dequantize the base to `model.dtype` once and "
                          "merge the adapter into its weights, as on an unquantized base (the same scores up to "
-                         "rounding). At 7B on an H200 scoring is 25-30% faster, with the dequantized weights' memory "
+                         "rounding). At 7B on an H200 scoring is 20-30% faster, with the dequantized weights' memory "
                          "(14.5 GB in bf16 against about 4). auto: on where the GPU's free memory after the 4-bit load "
                          "holds the dequantized weights and 10 GiB for scoring, never under FSDP or ZeRO-3 (they "
                          "place and shard the weights); off: the 4-bit base with LoRA layers.", ("auto", "on", "off"))

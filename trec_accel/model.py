@@ -323,8 +323,9 @@ def decide_dequantize(mode: str, quantized: bool, has_adapter: bool, sharded: bo
                       need_bytes: int) -> Decision:
     """Whether a 4-bit base is dequantized once and the adapter merged into it for scoring (`eval.dequantize`: auto /
     on / off); `need_bytes`: what the dequantized weights take beyond the 4-bit ones, `free_bytes`: the GPU's free
-    memory after the 4-bit load. Measured at 7B on an H200 (500 test questions): 25-30% faster than 4-bit with LoRA
-    layers (coarse 0.55-0.58 s against 0.75-0.82 s), 22.7 GiB peak against 12.1 GiB."""
+    memory after the 4-bit load. Measured at 7B on two H200s (500 test questions): 20-30% faster than 4-bit with
+    fused LoRA layers (coarse 0.48-0.58 s against 0.65-0.82 s), 22.7 GiB peak against 12.1 GiB; SmolLM2 trained in
+    4-bit gave the same 500 predictions either way (BENCHMARKS.md, session 8)."""
     ruled_out = dequantize_ruled_out(mode, quantized, has_adapter, sharded)
     if ruled_out is not None:
         return ruled_out
