@@ -40,6 +40,13 @@ def losses(out: Path) -> list[tuple[int, float]]:
     return [(row["step"], row["train/loss"]) for row in json.loads((out / "history.json").read_text())]
 
 
+def assert_same_losses(out: Path, reference: Path) -> None:
+    got, want = losses(out), losses(reference)
+    assert [s for s, _ in got] == [s for s, _ in want]
+    for (step, a), (_, b) in zip(got, want):
+        assert a == pytest.approx(b, rel=LOSS_RTOL), f"step {step}"
+
+
 def lora_weights(adapter: Path) -> dict:
     from safetensors.torch import load_file
     return {k: v for k, v in load_file(str(adapter / "adapter_model.safetensors")).items() if "lora_" in k}
@@ -118,10 +125,7 @@ def test_two_processes_with_activation_checkpointing(runs, tmp_path):
     exact recomputation, follows the un-checkpointed 2-process run."""
     out = tmp_path / "ckpt"
     train(2, out, runs["data"], "model.gradient_checkpointing=true")
-    got, want = losses(out), losses(runs["two"])
-    assert [s for s, _ in got] == [s for s, _ in want]
-    for (_, a), (_, b) in zip(got, want):
-        assert a == pytest.approx(b, rel=LOSS_RTOL)
+    assert_same_losses(out, runs["two"])
 
 
 def test_two_processes_with_a_token_cap(runs, tmp_path):
@@ -130,10 +134,7 @@ def test_two_processes_with_a_token_cap(runs, tmp_path):
     import torch
     out = tmp_path / "capped"
     train(2, out, runs["data"], "train.max_batch_tokens=1")
-    got, want = losses(out), losses(runs["two"])
-    assert [s for s, _ in got] == [s for s, _ in want]
-    for (_, a), (_, b) in zip(got, want):
-        assert a == pytest.approx(b, rel=LOSS_RTOL)
+    assert_same_losses(out, runs["two"])
     wa, wb = lora_weights(runs["two"] / "adapter"), lora_weights(out / "adapter")
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5, msg=k)
