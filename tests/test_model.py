@@ -174,9 +174,10 @@ def lora_adapter(tiny_model_path, tmp_path_factory) -> str:
     return str(folder)
 
 
-def load_as_4bit(monkeypatch, tiny_model_path, tokenizer, setting: str, free: int, adapter: str):
+def load_as_4bit(monkeypatch, tiny_model_path, tokenizer, setting: str, free: int, adapter: str, fail=False):
     """load_for_inference on a base planned as 4-bit: the tiny model, whose `dequantize` records whether LoRA layers
-    were present when it was called; `free` bytes of GPU memory, 1 GiB of weights more once dequantized."""
+    were present when it was called (or runs out of memory, with `fail`); `free` bytes of GPU memory, 1 GiB of
+    weights more once dequantized."""
     from transformers import AutoModelForCausalLM
 
     import trec_accel.model as model_module
@@ -186,6 +187,8 @@ def load_as_4bit(monkeypatch, tiny_model_path, tokenizer, setting: str, free: in
 
     def dequantize(dtype):
         calls.append((dtype, any(hasattr(m, "lora_A") for m in base.modules())))
+        if fail:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 112.00 MiB")
         return base
     base.dequantize = dequantize
     plan = LoadPlan(quantize=True, dtype=torch.float32, device_map={"": torch.device("cpu")}, quant_storage=None)
@@ -223,3 +226,10 @@ def test_auto_keeps_the_4bit_base_where_memory_is_short(monkeypatch, tiny_model_
                                        lora_adapter)
     assert calls == [] and any(hasattr(m, "lora_A") for m in model.modules())
     assert "dequantized and the adapter merged: off (too little free memory: 11.0 GiB needed" in caplog.text
+
+
+def test_running_out_of_memory_while_dequantizing_names_the_setting(monkeypatch, tiny_model_path, tokenizer,
+                                                                   lora_adapter):
+    from trec_accel.memory import OutOfMemory
+    with pytest.raises(OutOfMemory, match=r"in dequantizing the 4-bit base.*set eval.dequantize=off"):
+        load_as_4bit(monkeypatch, tiny_model_path, tokenizer, "eval.dequantize=on", 0, lora_adapter, fail=True)

@@ -7,7 +7,8 @@ from typing import Callable
 
 import torch
 
-EVAL_MEMORY_SETTINGS = "a smaller eval.max_batch_tokens or eval.batch_size"
+EVAL_MEMORY_SETTINGS = ("a smaller eval.max_batch_tokens or eval.batch_size, or eval.dequantize=off (with an adapter "
+                        "on a 4-bit base: keeps the weights in 4 bits)")
 
 
 class OutOfMemory(RuntimeError):
@@ -15,9 +16,10 @@ class OutOfMemory(RuntimeError):
 
 
 @contextlib.contextmanager
-def out_of_memory(what: str, settings: str, shape: Callable[[], tuple] | None = None):
+def out_of_memory(what: str, settings: str, shape: Callable[[], tuple] | None = None, training: bool = False):
     """Turn a CUDA out-of-memory error inside the block into `OutOfMemory`, naming `settings` to lower and,
-    when `shape()` is given, the shape of the batch that failed (batch, width, label slots, prefix)."""
+    when `shape()` is given, the shape of the batch that failed (batch, width, label slots, prefix); in a
+    `training` run, that its checkpoints are kept."""
     try:
         yield
     except torch.OutOfMemoryError:
@@ -32,5 +34,5 @@ def out_of_memory(what: str, settings: str, shape: Callable[[], tuple] | None = 
             total = torch.cuda.get_device_properties(device).total_memory / 2**30
             peak = torch.cuda.max_memory_allocated(device) / 2**30
             gpu = f": the GPU has {total:.1f} GiB and tensors took {peak:.1f} GiB at the peak"
-        raise OutOfMemory(f"CUDA out of memory in {what}{batch}{gpu}; to use less, set {settings} (checkpoints "
-                          "already saved are kept: resume=latest continues from the newest)") from None
+        kept = " (checkpoints already saved are kept: resume=latest continues from the newest)" if training else ""
+        raise OutOfMemory(f"CUDA out of memory in {what}{batch}{gpu}; to use less, set {settings}{kept}") from None

@@ -12,6 +12,7 @@ from torch import nn
 from .config import Config, ConfigError
 from .forward import checkpoint_layers
 from .lora_groups import decide_fused_lora, fuse_lora
+from .memory import out_of_memory
 from .offline_models import BUILD_VERSION, auto_tokenizer, offline_name, portable_name, resolve_model_path
 from .runtime import Runtime
 from .step import Decision
@@ -366,7 +367,10 @@ def attach_adapter(model, cfg: Config, runtime: Runtime, plan: LoadPlan, adapter
     from peft import PeftModel
     merge = not plan.quantize or dequantize_decision(model, cfg, runtime, plan.dtype).on
     if plan.quantize and merge:
-        model = model.dequantize(dtype=plan.dtype)  # transformers': plain linear layers in place of the 4-bit ones
+        # transformers': plain linear layers in place of the 4-bit ones. Only `on` skips the check of free memory.
+        with out_of_memory("dequantizing the 4-bit base", "eval.dequantize=off (the 4-bit base with LoRA layers) or "
+                           "auto (which dequantizes only where the GPU has the room)"):
+            model = model.dequantize(dtype=plan.dtype)
     try:
         model = PeftModel.from_pretrained(model, adapter)
     except Exception as e:  # noqa: BLE001

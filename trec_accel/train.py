@@ -378,7 +378,7 @@ class TrainRecipe:
         # Every process knows the global batch, so the normaliser needs no communication.
         n_global = sum(len(self.encoded[i].label_ids) for idx in window for i in idx)
         scale = t.grad_accum * world / n_global
-        with out_of_memory("training", TRAIN_MEMORY_SETTINGS, lambda: self.step_fn.last_shape):
+        with out_of_memory("training", TRAIN_MEMORY_SETTINGS, lambda: self.step_fn.last_shape, training=True):
             for idx in window:
                 with accelerator.accumulate(self.loss_model):
                     self._micro_batch([self.encoded[i] for i in shard(idx, rank, world)], scale)
@@ -462,7 +462,7 @@ class TrainRecipe:
         """Validation loss, accuracy and macro-F1; the confusion matrix to the tracker."""
         cfg, accelerator, loss_model = self.cfg, self.accelerator, self.loss_model
         loss_model.eval()
-        with self.clock.paused(), out_of_memory("validation", EVAL_MEMORY_SETTINGS):
+        with self.clock.paused(), out_of_memory("validation", EVAL_MEMORY_SETTINGS, training=True):
             # Scoring runs inside the wrapped module's forward, where FSDP and ZeRO-3 have gathered the weights. It
             # runs the instruction once for the whole set whatever the training step does: without gradients there
             # is no second pass per step to weigh. FSDP keeps full sequences, as its training does.
