@@ -242,6 +242,11 @@ class Batch:
                                          self.label_targets, self.prefix_ids)))
 
 
+def padded_width(length: int, multiple: int) -> int:
+    """`length` tokens rounded up to a multiple of `multiple`: the width a batch is padded to (`collate`)."""
+    return -(-length // multiple) * multiple
+
+
 def collate(examples: Sequence[Encoded], pad_id: int, prefix_ids: Sequence[int] | None = None,
             label_slots: int = 0, width_multiple: int = 1) -> Batch:
     """Right-pad to the longest sequence of the batch, rounded up to `width_multiple` (so that widths repeat);
@@ -250,7 +255,7 @@ def collate(examples: Sequence[Encoded], pad_id: int, prefix_ids: Sequence[int] 
     p = len(prefix_ids) if prefix_ids is not None else 0
     seqs = [(e.prompt_ids + e.label_ids)[p:] for e in examples]
     longest = max(len(s) for s in seqs)
-    width = -(-longest // width_multiple) * width_multiple
+    width = padded_width(longest, width_multiple)
     k = max(label_slots, max(len(e.label_ids) for e in examples))
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -272,7 +277,7 @@ def passes(examples: Sequence[Encoded], p: int, width_multiple: int, max_tokens:
     pass in the given order when its padded tokens (rows x width after the `p` prefix tokens, rounded up to
     `width_multiple`) are within `max_tokens` (0: no cap), else length-sorted passes that each are. Their
     gradients add up to the micro-batch's, since the loss is a sum over label tokens."""
-    widths = [-(-(len(e.prompt_ids) + len(e.label_ids) - p) // width_multiple) * width_multiple for e in examples]
+    widths = [padded_width(len(e.prompt_ids) + len(e.label_ids) - p, width_multiple) for e in examples]
     if not max_tokens or len(widths) * max(widths) <= max_tokens:
         return [list(range(len(examples)))]
     return length_batches(widths, len(widths), max_tokens)
