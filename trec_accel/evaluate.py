@@ -9,7 +9,7 @@ from pathlib import Path
 from .batching import Encoder
 from .config import check_output_dir
 from .data import Schema, load_data, load_trec
-from .memory import EVAL_MEMORY_SETTINGS, out_of_memory
+from .memory import INFERENCE_MEMORY_SETTINGS, out_of_memory
 from .model import check_adapter, context_length, load_for_inference
 from .reports import format_report, plot_confusion_matrix, write_json, write_jsonl
 from .runtime import show_logs, start
@@ -50,7 +50,7 @@ def run(cfg) -> dict:
     model, tokenizer = load_for_inference(cfg, runtime, cfg.adapter)
     encoder = Encoder(tokenizer, task, cfg.data.template, context_length(model))
     t3 = time.perf_counter()
-    with runtime.accelerator.autocast(), out_of_memory("evaluation", EVAL_MEMORY_SETTINGS):
+    with runtime.accelerator.autocast(), out_of_memory("evaluation", INFERENCE_MEMORY_SETTINGS):
         metrics, rows = evaluate_examples(model, encoder, examples, runtime.accelerator, cfg.eval,
                                           cfg.eval.method)
     metrics.update(model=cfg.model.name, adapter=cfg.adapter or None, task=task.name, split=split,

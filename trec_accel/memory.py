@@ -7,8 +7,11 @@ from typing import Callable
 
 import torch
 
-EVAL_MEMORY_SETTINGS = ("a smaller eval.max_batch_tokens or eval.batch_size, or eval.dequantize=off (with an adapter "
-                        "on a 4-bit base: keeps the weights in 4 bits)")
+EVAL_MEMORY_SETTINGS = "a smaller eval.max_batch_tokens or eval.batch_size"
+# scripts/evaluate.py loads the adapter itself (eval.dequantize applies); validation during training scores the
+# model being trained, whose base stays in 4 bits.
+INFERENCE_MEMORY_SETTINGS = (f"{EVAL_MEMORY_SETTINGS}, or eval.dequantize=off (with an adapter on a 4-bit base: "
+                             "keeps the weights in 4 bits)")
 
 
 class OutOfMemory(RuntimeError):
