@@ -1,9 +1,12 @@
 """The shared-prefix and tree-scoring paths compute exactly what the plain full-sequence path computes."""
+import contextlib
+
 import pytest
 import torch
 
 from trec_accel.batching import Encoder, collate
 from trec_accel.config import load_config
+from trec_accel.forward import GROUPED_MAX_WIDTH, groups_prefix
 from trec_accel.loss import LabelLoss, batch_loss
 from trec_accel.model import add_lora, prepare_for_training
 from trec_accel.scoring import score_prompts, shared_prefix
@@ -40,6 +43,22 @@ def checkpointed_model(tiny_model_path, lora_model):
     return model
 
 
+@contextlib.contextmanager
+def attention(*models, mode: str):
+    """The models attend to a shared prefix as `model.prefix_attention=mode` makes them ("sdpa": Transformers'
+    own SDPA, the prefix joined through the cache)."""
+    from trec_accel.forward import register_prefix_attention
+    name = "sdpa" if mode == "sdpa" else register_prefix_attention(mode)
+    bases = [m.get_base_model() for m in models]
+    for b in bases:
+        b.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        for b in bases:
+            b.set_attn_implementation("sdpa")
+
+
 def grads(model, loss_model, batch):
     model.zero_grad(set_to_none=True)
     loss_sum, n = batch_loss(loss_model, batch)
@@ -48,15 +67,18 @@ def grads(model, loss_model, batch):
 
 
 @pytest.mark.parametrize("task", ["coarse", "fine"])
-def test_shared_prefix_matches_full_sequences(lora_model, checkpointed_model, tokenizer, task):
+@pytest.mark.parametrize("mode", ["sdpa", "grouped", "joined"])
+def test_shared_prefix_matches_full_sequences(lora_model, checkpointed_model, tokenizer, task, mode):
     enc = Encoder(tokenizer, BUILTIN[task], "notebook")
     exs = [enc.encode(q, i % len(enc.labels)) for i, q in enumerate(QUESTIONS)]
     loss_model = LabelLoss(lora_model).train()
     plain_loss, plain = grads(lora_model, loss_model, collate(exs, tokenizer.pad_token_id))
-    shared_loss, shared = grads(lora_model, loss_model, collate(exs, tokenizer.pad_token_id, enc.prefix_ids))
-    # The same with every layer checkpointed: the recomputation must see the same prefix cache.
     ckpt = LabelLoss(checkpointed_model).train()
-    ckpt_loss, ckpt_grads = grads(checkpointed_model, ckpt, collate(exs, tokenizer.pad_token_id, enc.prefix_ids))
+    with attention(lora_model, checkpointed_model, mode=mode):
+        shared_loss, shared = grads(lora_model, loss_model, collate(exs, tokenizer.pad_token_id, enc.prefix_ids))
+        # The same with every layer checkpointed: the recomputation must see the same prefix.
+        ckpt_loss, ckpt_grads = grads(checkpointed_model, ckpt, collate(exs, tokenizer.pad_token_id,
+                                                                        enc.prefix_ids))
     assert ckpt_loss == pytest.approx(plain_loss, rel=1e-5)
     for name, g in plain.items():
         torch.testing.assert_close(ckpt_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
@@ -75,13 +97,15 @@ TASKS = {**BUILTIN,
 
 
 @pytest.mark.parametrize("task", list(TASKS))
-@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("shared", [None, "sdpa", "grouped"])
 def test_tree_scores_match_one_sequence_per_candidate(lora_model, tokenizer, task, shared):
+    """Scored without the shared prefix, with it through Transformers' SDPA, and through the grouped attention."""
     enc = Encoder(tokenizer, TASKS[task], "notebook")
     lora_model.eval()
     prompts = [enc.encode(q).prompt_ids for q in QUESTIONS]
     prefix = shared_prefix(lora_model, enc) if shared else None
-    got = score_prompts(lora_model, enc, prompts, prefix, "sum")
+    with attention(lora_model, mode=shared or "sdpa"):
+        got = score_prompts(lora_model, enc, prompts, prefix, "sum")
     assert got.shape == (len(prompts), len(enc.labels))
     # Each reference is a whole forward pass with logits at every position: few of them for the long instruction.
     checked = prompts if len(enc.labels) <= 50 else prompts[:1]
@@ -92,7 +116,8 @@ def test_tree_scores_match_one_sequence_per_candidate(lora_model, tokenizer, tas
                 logp = torch.log_softmax(lora_model(input_ids=ids).logits[0].float(), -1)
                 want = sum(logp[len(q) - 1 + j, t].item() for j, t in enumerate(cand))
                 assert got[i, k].item() == pytest.approx(want, abs=2e-4), (i, enc.labels[k])
-    mean = score_prompts(lora_model, enc, prompts, prefix, "mean")
+    with attention(lora_model, mode=shared or "sdpa"):
+        mean = score_prompts(lora_model, enc, prompts, prefix, "mean")
     lens = torch.tensor([len(c) for c in enc.candidates], dtype=torch.float32)
     torch.testing.assert_close(mean, got / lens)
     lora_model.train()
@@ -118,3 +143,72 @@ def test_cache_interface(lora_model, tokenizer):
         ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
         hidden_states(decoder, ids, torch.ones_like(ids), prefix)
     assert calls == list(range(cfg.num_hidden_layers))
+
+
+@pytest.mark.parametrize("mode", ["auto", "grouped", "joined"])
+def test_prefix_attention_modes(lora_model, tokenizer, monkeypatch, mode):
+    """Each mode takes its path (auto: joined for this small batch) and gives the full sequences' hidden states."""
+    from trec_accel import forward
+    calls = []
+    real = forward.grouped_prefix_attention
+    monkeypatch.setattr(forward, "grouped_prefix_attention", lambda *a: calls.append(1) or real(*a))
+    enc = Encoder(tokenizer, COARSE, "notebook")
+    decoder, _ = forward.parts(lora_model)
+    ids = torch.arange(5, 5 + 2 * 12).view(2, 12)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    prefix = torch.tensor([enc.prefix_ids])
+    with torch.no_grad(), attention(lora_model, mode=mode):
+        got = forward.hidden_states(decoder, ids, mask, prefix)
+    assert len(calls) == (decoder.config.num_hidden_layers if mode == "grouped" else 0)
+    with torch.no_grad():
+        full = forward.hidden_states(decoder, torch.cat([prefix.expand(2, -1), ids], 1),
+                                     torch.cat([torch.ones_like(prefix).expand(2, -1), mask], 1))
+    torch.testing.assert_close(got[mask.bool()], full[:, prefix.shape[1]:][mask.bool()], rtol=1e-4, atol=1e-5)
+
+
+def test_auto_groups_short_rows_of_large_batches():
+    """auto's rule, at the shapes it was measured on (BENCHMARKS.md session 9)."""
+    mistral = dict(prefix=140, heads=32, head_dim=128)
+    assert groups_prefix("auto", 256, 16, **mistral) and groups_prefix("auto", 256, GROUPED_MAX_WIDTH, **mistral)
+    assert not groups_prefix("auto", 256, GROUPED_MAX_WIDTH + 1, **mistral)  # wide rows: the scores cost more
+    assert not groups_prefix("auto", 32, 16, **mistral)  # small joined copies: the extra kernels cost more
+    assert not groups_prefix("auto", 256, 16, prefix=130, heads=9, head_dim=64)  # SmolLM2
+    assert groups_prefix("grouped", 1, 500, **mistral) and not groups_prefix("joined", 256, 16, **mistral)
+
+
+@pytest.mark.parametrize("mode", ["sdpa", "joined"])
+def test_prefix_gradient_is_summed_within_its_layer(lora_model, tokenizer, mode):
+    """Each layer's per-row gradient of the prefix keys and values is summed over the rows during that layer's
+    backward, not held until every layer's backward has run (4.4 GiB at 7B for 256 coarse rows, when it was)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from trec_accel.forward import parts
+    enc = Encoder(tokenizer, COARSE, "notebook")
+    exs = [enc.encode(q, i % len(enc.labels)) for i, q in enumerate(QUESTIONS)]
+    rows, p = len(exs), len(enc.prefix_ids)
+    events = []
+
+    class SumsOverRows(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            x = args[0]
+            if func is torch.ops.aten.sum.dim_IntList and x.dim() == 4 and x.shape[0] == rows and x.shape[2] == p:
+                events.append("prefix")
+            return func(*args, **(kwargs or {}))
+
+    layers = parts(lora_model)[0].layers
+    hooks = [layer.register_full_backward_hook(lambda *_, i=i: events.append(i)) for i, layer in enumerate(layers)]
+    try:
+        with attention(lora_model, mode=mode):
+            loss_sum, _ = batch_loss(LabelLoss(lora_model).train(), collate(exs, tokenizer.pad_token_id,
+                                                                            enc.prefix_ids))
+            with SumsOverRows():
+                loss_sum.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        lora_model.zero_grad(set_to_none=True)
+    # The last layer's keys and values are summed before that layer's backward ends (a layer whose inputs need no
+    # gradient, the first, reports as soon as its outputs' gradients are known, so it is not checked).
+    assert events[:3] == ["prefix", "prefix", len(layers) - 1]
+    assert events.count("prefix") == 2 * len(layers)

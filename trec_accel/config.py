@@ -46,8 +46,15 @@ class ModelConfig:
     double_quant: bool = _f(True, "bitsandbytes nested quantization of the 4-bit scales (saves ~0.4 bit/param).")
     dtype: str = _f("auto", "Compute dtype: bf16 where the device supports it ('auto'), else fp32.",
                     ("auto", "bf16", "fp16", "fp32"))
-    attn_implementation: str = _f("sdpa", "Attention kernel passed to from_pretrained.",
+    attn_implementation: str = _f("sdpa", "Attention kernel: PyTorch's SDPA (run by trec-accel's own attention "
+                                  "function, which reads the shared instruction itself: model.prefix_attention), or "
+                                  "Transformers' eager or FlashAttention-2 attention.",
                                   ("sdpa", "eager", "flash_attention_2"))
+    prefix_attention: str = _f("auto", "How the question tokens attend to the shared instruction under SDPA: "
+                               "'grouped' reads its one copy by grouped matrix products, 'joined' copies it before "
+                               "every row; 'auto' groups where that was measured faster on an H200: rows of at most 24 "
+                               "tokens whose joined copies would be large (the 7B shape at batch 256, not SmolLM2 or "
+                               "small batches; BENCHMARKS.md).", ("auto", "grouped", "joined"))
     cudnn_attention: bool = _f(False, "Let PyTorch's SDPA pick cuDNN attention on CUDA. Off: cuDNN builds an "
                                "execution plan for every new input shape (2-4 s each on an H100, measured), and "
                                "length-grouped training batches and evaluation batches keep changing shape; the other "

@@ -1,9 +1,13 @@
 """The model's forward pass, with the shared instruction run once per batch.
 
-Every prompt of a task starts with the same instruction. `SharedPrefix` runs it once (batch 1) and
-broadcasts its keys and values over the batch without copying; the per-question tokens then attend to
-it as a past. Gradients flow back through the broadcast into the prefix pass, so LoRA gets exactly the
-gradients of the full-sequence computation (tests/test_forward.py checks this).
+Every prompt of a task starts with the same instruction. `SharedPrefix` runs it once (batch 1); the
+per-question tokens then attend to its keys and values as a past. Gradients flow back into the prefix
+pass, so LoRA gets exactly the gradients of the full-sequence computation (tests/test_forward.py checks
+this).
+
+Under SDPA the model runs `prefix_attention` (registered with Transformers' attention interface by
+`register_prefix_attention`): short rows attend to the one copy of the prefix by grouped matrix products
+instead of a copy of it joined to every row and repeated over each group of query heads.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import functools
 import inspect
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -52,15 +57,17 @@ def run_decoder(decoder: nn.Module, cache=None, **kwargs):
 
 
 class SharedPrefix:
-    """The prefix's keys and values, computed once, broadcast over any batch without copying.
+    """The prefix's keys and values, computed once (batch 1), for any batch.
 
     Its cache's `update` returns the prefix joined with the new states and stores nothing, so one prefix
     serves any number of forward passes over different continuations: every training step computes its
     own (the gradients flow back into it), evaluation computes one for all its batches.
 
-    It uses three parts of Transformers' cache beyond the model's public forward: `cache.layers`, each
-    layer's `keys` / `values`, and `update(key_states, value_states, layer_idx, ...)` as the attention layers
-    call it; `tests/test_forward.py::test_cache_interface` names them, so a release that moves them fails there.
+    Under trec-accel's SDPA (`prefix_attention`) the attention reads `states` itself. Other attention (eager,
+    FlashAttention-2) reads the cache, which uses three parts of Transformers' cache beyond the model's public
+    forward: `cache.layers`, each layer's `keys` / `values`, and `update(key_states, value_states, layer_idx, ...)`
+    as the attention layers call it; `tests/test_forward.py::test_cache_interface` names them, so a release that
+    moves them fails there.
     """
 
     def __init__(self, decoder: nn.Module, prefix_ids: torch.Tensor):
@@ -76,15 +83,94 @@ class SharedPrefix:
 
         def read_only_update(key_states, value_states, layer_idx, *args, **kwargs):
             layer = layers[layer_idx]
-            return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+            return joined(layer.keys, layer.values, key_states, value_states)
 
         self.cache.update = read_only_update
 
-    def broadcast(self, batch_size: int):
-        """The cache, its keys and values expanded (not copied) to `batch_size` rows."""
-        for layer, (k, v) in zip(self.cache.layers, self.states):
-            layer.keys, layer.values = k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)
-        return self.cache
+
+def joined(prefix_keys, prefix_values, keys, values):
+    """The (1, H_kv, P, D) prefix keys and values joined before every row's: (B, H_kv, P + S, D).
+
+    Called inside each layer: expanded there, the per-row gradient of the prefix is summed as soon as that
+    layer's backward ends. Expanded once before the layers, autograd summed it only after every layer's
+    backward and held all of them until then (4.4 GiB at 7B for 256 coarse rows; BENCHMARKS.md session 9)."""
+    b = keys.shape[0]
+    return (torch.cat([prefix_keys.expand(b, -1, -1, -1), keys], dim=-2),
+            torch.cat([prefix_values.expand(b, -1, -1, -1), values], dim=-2))
+
+
+# `model.prefix_attention=auto` groups the attention to the prefix where that was measured faster (an H200, forward
+# and backward of one layer, BENCHMARKS.md session 9): the 7B shape (32 query / 8 key-value heads of 128, a 140-token
+# prefix, 256 rows): 2.9 / 4.2 / 5.5 ms grouped at widths 16 / 24 / 32 against 4.7 / 4.9 / 5.1 ms joined. The
+# grouped score matrices grow with the width, the joined copies do not; and where those copies are small (the 7B
+# shape at 32 rows, SmolLM2 at 256) the grouped path's extra kernels cost more than the copies (2.2-2.7 ms
+# against 0.8-1.0 ms).
+GROUPED_MAX_WIDTH = 24
+GROUPED_MIN_JOINED = 2**27  # elements of one layer's joined keys and values: 344M for the 7B shape at 256 rows
+
+
+def groups_prefix(mode: str, batch: int, width: int, prefix: int, heads: int, head_dim: int) -> bool:
+    """Whether rows attend to the prefix by `grouped_prefix_attention` (else it is joined to every row)."""
+    if mode != "auto":
+        return mode == "grouped"
+    return width <= GROUPED_MAX_WIDTH and 2 * batch * heads * (prefix + width) * head_dim >= GROUPED_MIN_JOINED
+
+
+def register_prefix_attention(mode: str) -> str:
+    """Register `prefix_attention` for `model.prefix_attention=mode` with Transformers' attention (and mask)
+    interface; returns the name to load the model with (`attn_implementation=`)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    name = f"sdpa_prefix_{mode}"
+    AttentionInterface.register(name, functools.partial(prefix_attention, mode=mode))
+    AttentionMaskInterface.register(name, sdpa_mask)  # masks other than ours (a plain forward) as SDPA takes them
+    return name
+
+
+def uses_prefix_attention(decoder: nn.Module) -> bool:
+    return getattr(decoder.config, "_attn_implementation", "").startswith("sdpa_prefix_")
+
+
+def prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                     shared_prefix: SharedPrefix | None = None, mode: str = "auto", **kwargs):
+    """SDPA, attending first to `shared_prefix` where one is given (keys and values of the prefix not in
+    `key` / `value`): by `grouped_prefix_attention` where `groups_prefix` says so, else joined to every row."""
+    from transformers import AttentionInterface
+    sdpa = AttentionInterface()["sdpa"]
+    if shared_prefix is not None:
+        prefix_keys, prefix_values = shared_prefix.states[module.layer_idx]
+        b, h, s, d = query.shape
+        if groups_prefix(mode, b, s, prefix_keys.shape[2], h, d):
+            return grouped_prefix_attention(query, key, value, prefix_keys, prefix_values, attention_mask,
+                                            d ** -0.5 if scaling is None else scaling, dropout), None
+        key, value = joined(prefix_keys, prefix_values, key, value)
+    return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def grouped_prefix_attention(query, key, value, prefix_keys, prefix_values, allow, scaling: float, dropout: float):
+    """Attention of (B, H, S, D) queries to a (1, H_kv, P, D) prefix and to their own (B, H_kv, S, D) keys and
+    values, under the (B, 1, S, P + S) boolean `allow`; returns (B, S, H, D) as Transformers' SDPA does.
+
+    The H / H_kv query heads that share a key/value head are stacked as rows of one product, and with the prefix
+    every row's queries too, so neither the prefix nor a key/value head is copied. The scores and the softmax
+    are fp32, as inside SDPA's kernels (scores rounded to bf16 doubled the error against an fp32 reference).
+    """
+    b, h, s, d = query.shape
+    h_kv, p = key.shape[1], prefix_keys.shape[2]
+    g = h // h_kv
+    with torch.autocast(query.device.type, enabled=False):
+        q = (query.float() * scaling).reshape(b, h_kv, g * s, d)
+        q_rows = q.transpose(0, 1).reshape(h_kv, b * g * s, d)
+        on_prefix = (q_rows @ prefix_keys[0].float().transpose(1, 2)).view(h_kv, b, g * s, p).transpose(0, 1)
+        scores = torch.cat([on_prefix, q @ key.float().transpose(2, 3)], -1).view(b, h_kv, g, s, p + s)
+    scores = scores.masked_fill(~allow[:, :, None], float("-inf"))
+    weights = torch.softmax(scores, -1).to(value.dtype).view(b, h_kv, g * s, p + s)
+    if dropout:
+        weights = F.dropout(weights, dropout, training=True)
+    w_prefix, w_own = weights.split([p, s], -1)
+    from_prefix = w_prefix.transpose(0, 1).reshape(h_kv, b * g * s, p) @ prefix_values[0]
+    out = from_prefix.view(h_kv, b, g * s, d).transpose(0, 1) + w_own @ value
+    return out.reshape(b, h, s, d).transpose(1, 2).contiguous()
 
 
 def hidden_states(decoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -106,7 +192,11 @@ def hidden_states(decoder: nn.Module, input_ids: torch.Tensor, attention_mask: t
     if allow is None:
         allow = causal_allow(attention_mask, p)
     mask = model_mask(decoder, allow, attention_mask, p)
-    cache = None if prefix is None else prefix.broadcast(b)
+    if prefix is not None and uses_prefix_attention(decoder):
+        # The attention reads the prefix itself (`prefix_attention`); the decoder passes the keyword down to it.
+        return run_decoder(decoder, input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                           use_cache=False, shared_prefix=prefix)[0]
+    cache = None if prefix is None else prefix.cache
     return run_decoder(decoder, cache, input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                        use_cache=cache is not None)[0]
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .config import Config, ConfigError
-from .forward import checkpoint_layers
+from .forward import checkpoint_layers, register_prefix_attention
 from .lora_groups import decide_fused_lora, fuse_lora
 from .memory import out_of_memory
 from .offline_models import BUILD_VERSION, auto_tokenizer, offline_name, portable_name, resolve_model_path
@@ -92,7 +92,10 @@ def load_base(cfg: Config, runtime: Runtime):
 
     path = model_path(cfg, runtime.accelerator)
     plan = load_plan(cfg, runtime)
-    kwargs = dict(dtype=plan.dtype, attn_implementation=cfg.model.attn_implementation)
+    attn = cfg.model.attn_implementation
+    if attn == "sdpa":
+        attn = register_prefix_attention(cfg.model.prefix_attention)
+    kwargs = dict(dtype=plan.dtype, attn_implementation=attn)
     if plan.quantize:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=plan.dtype,
