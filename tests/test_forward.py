@@ -212,3 +212,27 @@ def test_prefix_gradient_is_summed_within_its_layer(lora_model, tokenizer, mode)
     # gradient, the first, reports as soon as its outputs' gradients are known, so it is not checked).
     assert events[:3] == ["prefix", "prefix", len(layers) - 1]
     assert events.count("prefix") == 2 * len(layers)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (6, 1)])
+def test_grouped_prefix_attention_is_sdpa_over_the_joined_sequence(heads, kv_heads):
+    """Output and the gradients of queries, keys, values and the prefix's keys and values equal SDPA's over the
+    prefix joined to every row (each key/value head repeated over its group), under an arbitrary mask."""
+    from trec_accel.forward import grouped_prefix_attention, joined
+    torch.manual_seed(0)
+    b, s, p, d = 3, 5, 7, 8
+    inputs = [torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in
+              [(b, heads, s, d), (b, kv_heads, s, d), (b, kv_heads, s, d), (1, kv_heads, p, d), (1, kv_heads, p, d)]]
+    allow = torch.rand(b, 1, s, p + s) < 0.6
+    allow[..., 0] = True  # no row without a key
+
+    def reference(q, k, v, pk, pv):
+        k, v = (x.repeat_interleave(heads // kv_heads, 1) for x in joined(pk, pv, k, v))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allow, scale=0.3).transpose(1, 2)
+
+    want = reference(*inputs)
+    got = grouped_prefix_attention(*inputs, allow, 0.3, 0.0)
+    torch.testing.assert_close(got, want)
+    grad = torch.randn_like(want)
+    for a, b_ in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(want, inputs, grad)):
+        torch.testing.assert_close(a, b_)

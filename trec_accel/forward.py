@@ -153,16 +153,17 @@ def grouped_prefix_attention(query, key, value, prefix_keys, prefix_values, allo
 
     The H / H_kv query heads that share a key/value head are stacked as rows of one product, and with the prefix
     every row's queries too, so neither the prefix nor a key/value head is copied. The scores and the softmax
-    are fp32, as inside SDPA's kernels (scores rounded to bf16 doubled the error against an fp32 reference).
+    are at least fp32, as inside SDPA's kernels (scores rounded to bf16 doubled the error against an fp32 reference).
     """
     b, h, s, d = query.shape
     h_kv, p = key.shape[1], prefix_keys.shape[2]
     g = h // h_kv
+    fp = torch.promote_types(query.dtype, torch.float32)
     with torch.autocast(query.device.type, enabled=False):
-        q = (query.float() * scaling).reshape(b, h_kv, g * s, d)
+        q = (query.to(fp) * scaling).reshape(b, h_kv, g * s, d)
         q_rows = q.transpose(0, 1).reshape(h_kv, b * g * s, d)
-        on_prefix = (q_rows @ prefix_keys[0].float().transpose(1, 2)).view(h_kv, b, g * s, p).transpose(0, 1)
-        scores = torch.cat([on_prefix, q @ key.float().transpose(2, 3)], -1).view(b, h_kv, g, s, p + s)
+        on_prefix = (q_rows @ prefix_keys[0].to(fp).transpose(1, 2)).view(h_kv, b, g * s, p).transpose(0, 1)
+        scores = torch.cat([on_prefix, q @ key.to(fp).transpose(2, 3)], -1).view(b, h_kv, g, s, p + s)
     scores = scores.masked_fill(~allow[:, :, None], float("-inf"))
     weights = torch.softmax(scores, -1).to(value.dtype).view(b, h_kv, g * s, p + s)
     if dropout:
