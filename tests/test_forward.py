@@ -47,16 +47,17 @@ def checkpointed_model(tiny_model_path, lora_model):
 def attention(*models, mode: str):
     """The models attend to a shared prefix as `model.prefix_attention=mode` makes them ("sdpa": Transformers'
     own SDPA, the prefix joined through the cache)."""
-    from trec_accel.forward import register_prefix_attention
-    name = "sdpa" if mode == "sdpa" else register_prefix_attention(mode)
-    bases = [m.get_base_model() for m in models]
-    for b in bases:
-        b.set_attn_implementation(name)
+    from trec_accel.forward import set_prefix_attention
+    for m in models:
+        if mode == "sdpa":
+            m.get_base_model().set_attn_implementation("sdpa")
+        else:
+            set_prefix_attention(m, mode)
     try:
         yield
     finally:
-        for b in bases:
-            b.set_attn_implementation("sdpa")
+        for m in models:
+            m.get_base_model().set_attn_implementation("sdpa")
 
 
 def grads(model, loss_model, batch):

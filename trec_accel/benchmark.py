@@ -194,18 +194,25 @@ def config_runs(args, results: dict) -> None:
 
 
 def _scoring_seconds(args, model, encoder, test, accelerator, cfg) -> dict:
-    """{"batch/max tokens": seconds to score the test questions}, each after a warm-up on 64 of them."""
+    """{"batch/max tokens[/prefix attention]": seconds to score the test questions}, each after a warm-up on 64 of
+    them."""
+    from .forward import set_prefix_attention
     from .scoring import evaluate_examples
     by_batch = {}
-    for batch in args.eval_batch:
-        for cap in args.eval_tokens or [cfg.eval.max_batch_tokens]:
-            ev = dataclasses.replace(cfg.eval, batch_size=batch, max_batch_tokens=cap)
-            evaluate_examples(model, encoder, test[:64], accelerator, ev)  # warm-up
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            evaluate_examples(model, encoder, test, accelerator, ev)
-            torch.cuda.synchronize()
-            by_batch[f"{batch}/{cap}"] = time.perf_counter() - t
+    for mode in args.eval_prefix_attention or [None]:
+        if mode:
+            set_prefix_attention(model, mode)
+        for batch in args.eval_batch:
+            for cap in args.eval_tokens or [cfg.eval.max_batch_tokens]:
+                ev = dataclasses.replace(cfg.eval, batch_size=batch, max_batch_tokens=cap)
+                evaluate_examples(model, encoder, test[:64], accelerator, ev)  # warm-up
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                evaluate_examples(model, encoder, test, accelerator, ev)
+                torch.cuda.synchronize()
+                by_batch[f"{batch}/{cap}" + (f"/{mode}" if mode else "")] = time.perf_counter() - t
+    if args.eval_prefix_attention:
+        set_prefix_attention(model, cfg.model.prefix_attention)
     return by_batch
 
 
@@ -343,6 +350,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="scoring batch sizes (questions, at most) to time")
     p.add_argument("--eval-tokens", type=int, nargs="*", default=[],
                    help="eval.max_batch_tokens values to time with each batch size (default: the config's)")
+    p.add_argument("--eval-prefix-attention", nargs="*", default=[], choices=["auto", "grouped", "joined"],
+                   help="model.prefix_attention modes to time scoring with, at every batch (default: the config's)")
     p.add_argument("--generate-questions", type=int, default=20)
     p.add_argument("--c-overrides", nargs="*", default=[])
     p.add_argument("--out-dir", default="runs/benchmark")

@@ -127,6 +127,12 @@ def register_prefix_attention(mode: str) -> str:
     return name
 
 
+def set_prefix_attention(model: nn.Module, mode: str) -> None:
+    """Switch a loaded model (with or without PEFT around it) to `model.prefix_attention=mode`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(register_prefix_attention(mode))
+
+
 def uses_prefix_attention(decoder: nn.Module) -> bool:
     return getattr(decoder.config, "_attn_implementation", "").startswith("sdpa_prefix_")
 
