@@ -60,6 +60,12 @@ def test_bad_values_give_one_line_errors(override, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_prefix_attention_is_refused_outside_sdpa():
+    with pytest.raises(ConfigError, match="model.prefix_attention=grouped needs model.attn_implementation=sdpa"):
+        load_config(None, ["model.prefix_attention=grouped", "model.attn_implementation=eager"])
+    assert load_config(None, ["model.attn_implementation=eager"]).model.prefix_attention == "auto"
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")

@@ -348,6 +348,9 @@ def validate(cfg: Config) -> None:
         (e.max_examples >= 0, "eval.max_examples must be >= 0"),
         (bool(cfg.output_dir), "output_dir must not be empty"),
         (bool(cfg.model.name), "model.name must not be empty"),
+        (cfg.model.prefix_attention == "auto" or cfg.model.attn_implementation == "sdpa",
+         f"model.prefix_attention={cfg.model.prefix_attention} needs model.attn_implementation=sdpa (got "
+         f"{cfg.model.attn_implementation}, whose attention reads the shared instruction from the cache)"),
     ]
     for ok, msg in checks:
         if not ok:
