@@ -116,13 +116,18 @@ def groups_prefix(mode: str, batch: int, width: int, prefix: int, heads: int, he
     return width <= GROUPED_MAX_WIDTH and 2 * batch * heads * (prefix + width) * head_dim >= GROUPED_MIN_JOINED
 
 
+PREFIX_ATTENTION = "sdpa_prefix_"  # + the mode: the names `register_prefix_attention` registers
+
+
 def register_prefix_attention(mode: str) -> str:
     """Register `prefix_attention` for `model.prefix_attention=mode` with Transformers' attention (and mask)
     interface; returns the name to load the model with (`attn_implementation=`)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    name = f"sdpa_prefix_{mode}"
-    AttentionInterface.register(name, functools.partial(prefix_attention, mode=mode))
+    name = PREFIX_ATTENTION + mode
+    # Transformers' SDPA is looked up once here, not in every layer's call.
+    AttentionInterface.register(name, functools.partial(prefix_attention, mode=mode,
+                                                        sdpa=AttentionInterface()["sdpa"]))
     AttentionMaskInterface.register(name, sdpa_mask)  # masks other than ours (a plain forward) as SDPA takes them
     return name
 
@@ -134,15 +139,14 @@ def set_prefix_attention(model: nn.Module, mode: str) -> None:
 
 
 def uses_prefix_attention(decoder: nn.Module) -> bool:
-    return getattr(decoder.config, "_attn_implementation", "").startswith("sdpa_prefix_")
+    return getattr(decoder.config, "_attn_implementation", "").startswith(PREFIX_ATTENTION)
 
 
 def prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-                     shared_prefix: SharedPrefix | None = None, mode: str = "auto", **kwargs):
-    """SDPA, attending first to `shared_prefix` where one is given (keys and values of the prefix not in
-    `key` / `value`): by `grouped_prefix_attention` where `groups_prefix` says so, else joined to every row."""
-    from transformers import AttentionInterface
-    sdpa = AttentionInterface()["sdpa"]
+                     shared_prefix: SharedPrefix | None = None, *, mode: str, sdpa, **kwargs):
+    """`sdpa` (Transformers' SDPA attention), attending first to `shared_prefix` where one is given (keys and values
+    of the prefix not in `key` / `value`): by `grouped_prefix_attention` where `groups_prefix` says so, else joined
+    to every row."""
     if shared_prefix is not None:
         prefix_keys, prefix_values = shared_prefix.states[module.layer_idx]
         b, h, s, d = query.shape
@@ -199,13 +203,11 @@ def hidden_states(decoder: nn.Module, input_ids: torch.Tensor, attention_mask: t
     if allow is None:
         allow = causal_allow(attention_mask, p)
     mask = model_mask(decoder, allow, attention_mask, p)
-    if prefix is not None and uses_prefix_attention(decoder):
-        # The attention reads the prefix itself (`prefix_attention`); the decoder passes the keyword down to it.
-        return run_decoder(decoder, input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                           use_cache=False, shared_prefix=prefix)[0]
-    cache = None if prefix is None else prefix.cache
+    # prefix_attention reads the prefix itself (the decoder passes the keyword down to it); other attention, the cache.
+    reads_prefix = prefix is not None and uses_prefix_attention(decoder)
+    cache = None if prefix is None or reads_prefix else prefix.cache
     return run_decoder(decoder, cache, input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                       use_cache=cache is not None)[0]
+                       use_cache=cache is not None, **({"shared_prefix": prefix} if reads_prefix else {}))[0]
 
 
 def causal_allow(attention_mask: torch.Tensor, p: int = 0) -> torch.Tensor:
