@@ -25,9 +25,8 @@ import torch
 from .batching import IGNORE, Encoder
 from .config import PROJECTIONS, load_config
 from .data import load_data
+from .memory import GIB
 from .task import BUILTIN
-
-GIB = 2**30
 
 
 def _cfg(args, task: str, overrides=()):

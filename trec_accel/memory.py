@@ -7,6 +7,8 @@ from typing import Callable
 
 import torch
 
+GIB = 2**30
+
 EVAL_MEMORY_SETTINGS = "a smaller eval.max_batch_tokens or eval.batch_size"
 # scripts/evaluate.py loads the adapter itself (eval.dequantize applies); validation during training scores the
 # model being trained, whose base stays in 4 bits.
@@ -34,8 +36,8 @@ def out_of_memory(what: str, settings: str, shape: Callable[[], tuple] | None = 
         gpu = ""
         if torch.cuda.is_available():
             device = torch.cuda.current_device()
-            total = torch.cuda.get_device_properties(device).total_memory / 2**30
-            peak = torch.cuda.max_memory_allocated(device) / 2**30
+            total = torch.cuda.get_device_properties(device).total_memory / GIB
+            peak = torch.cuda.max_memory_allocated(device) / GIB
             gpu = f": the GPU has {total:.1f} GiB and tensors took {peak:.1f} GiB at the peak"
         kept = " (checkpoints already saved are kept: resume=latest continues from the newest)" if training else ""
         raise OutOfMemory(f"CUDA out of memory in {what}{batch}{gpu}; to use less, set {settings}{kept}") from None

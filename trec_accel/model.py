@@ -12,7 +12,7 @@ from torch import nn
 from .config import Config, ConfigError
 from .forward import checkpoint_layers, register_prefix_attention
 from .lora_groups import decide_fused_lora, fuse_lora
-from .memory import out_of_memory
+from .memory import GIB, out_of_memory
 from .offline_models import BUILD_VERSION, auto_tokenizer, offline_name, portable_name, resolve_model_path
 from .runtime import Runtime
 from .step import Decision
@@ -21,7 +21,6 @@ from .task import BUILTIN, Task, TaskError, load_task
 log = logging.getLogger(__name__)
 
 ADAPTER_META = "trec_accel.json"
-GIB = 2**30
 # Memory kept free for scoring beside a dequantized base's weights when eval.dequantize=auto turns it on. At 7B
 # scoring took 8-9 GiB beyond the weights (H200, 2026-11-30: peaks of 12.1 GiB over ~4 GiB of 4-bit weights, and
 # 22.7 GiB over 13.5 GiB of bf16 ones); 10 GiB leaves some slack.

@@ -29,7 +29,7 @@ from .data import load_data
 from .files import publish_folder
 from .forward import parts
 from .loss import LabelLoss, batch_loss
-from .memory import EVAL_MEMORY_SETTINGS, out_of_memory
+from .memory import EVAL_MEMORY_SETTINGS, GIB, out_of_memory
 from .model import (
     ADAPTER_META,
     adapter_meta,
@@ -446,7 +446,7 @@ class TrainRecipe:
         if self.peak:
             row["train/mfu"] = fl / seconds / (self.peak * accelerator.num_processes)
         if device.type == "cuda":
-            row["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            row["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / GIB
         return row
 
     def _record(self, row: dict) -> None:
@@ -517,7 +517,7 @@ class TrainRecipe:
         device, state = self.runtime.device, self.state
         peaks = None
         if device.type == "cuda":
-            peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
+            peak = torch.tensor([torch.cuda.max_memory_allocated(device) / GIB], device=device)
             peaks = self.accelerator.gather(peak).tolist()
         return {"status": "interrupted" if self.interrupted else "finished", "step": state.step,
                 "trainable_parameters": self.trainable, "total_parameters": self.total,
