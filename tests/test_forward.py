@@ -4,6 +4,7 @@ import contextlib
 import pytest
 import torch
 
+from trec_accel import forward
 from trec_accel.batching import Encoder, collate
 from trec_accel.config import load_config
 from trec_accel.forward import GROUPED_MAX_WIDTH, groups_prefix
@@ -149,7 +150,6 @@ def test_cache_interface(lora_model, tokenizer):
 @pytest.mark.parametrize("mode", ["auto", "grouped", "joined"])
 def test_prefix_attention_modes(lora_model, tokenizer, monkeypatch, mode):
     """Each mode takes its path (auto: joined for this small batch) and gives the full sequences' hidden states."""
-    from trec_accel import forward
     calls = []
     real = forward.grouped_prefix_attention
     monkeypatch.setattr(forward, "grouped_prefix_attention", lambda *a: calls.append(1) or real(*a))
@@ -169,13 +169,32 @@ def test_prefix_attention_modes(lora_model, tokenizer, monkeypatch, mode):
 
 
 def test_auto_groups_short_rows_of_large_batches():
-    """auto's rule, at the shapes it was measured on (BENCHMARKS.md session 9)."""
-    mistral = dict(prefix=140, heads=32, head_dim=128)
+    """auto's rule, at the shapes it was measured on (BENCHMARKS.md sessions 9 and 10)."""
+    mistral = dict(prefix=140, heads=32, head_dim=128, grad=True)
     assert groups_prefix("auto", 256, 16, **mistral) and groups_prefix("auto", 256, GROUPED_MAX_WIDTH, **mistral)
     assert not groups_prefix("auto", 256, GROUPED_MAX_WIDTH + 1, **mistral)  # wide rows: the scores cost more
     assert not groups_prefix("auto", 32, 16, **mistral)  # small joined copies: the extra kernels cost more
-    assert not groups_prefix("auto", 256, 16, prefix=130, heads=9, head_dim=64)  # SmolLM2
+    assert not groups_prefix("auto", 256, 16, prefix=130, heads=9, head_dim=64, grad=True)  # SmolLM2
+    assert not groups_prefix("auto", 256, 16, **{**mistral, "grad": False})  # scoring: joined was faster
     assert groups_prefix("grouped", 1, 500, **mistral) and not groups_prefix("joined", 256, 16, **mistral)
+    assert groups_prefix("grouped", 256, 16, **{**mistral, "grad": False})
+
+
+def test_auto_joins_the_prefix_when_scoring(monkeypatch):
+    """prefix_attention asks the rule about gradients from the pass itself: scoring (no_grad) joins under auto."""
+    seen = []
+    monkeypatch.setattr(forward, "groups_prefix", lambda *a: seen.append(a[-1]) or False)
+    module = torch.nn.Module()
+    module.layer_idx = 0
+    prefix = type("P", (), {"states": [(torch.zeros(1, 1, 3, 4), torch.zeros(1, 1, 3, 4))]})()
+    q = torch.randn(2, 1, 5, 4)
+    allow = torch.ones(2, 1, 5, 8, dtype=torch.bool)
+    sdpa = lambda m, q, k, v, mask, **kw: (k.shape, None)  # noqa: E731 - what the joined path hands to SDPA
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            shape, _ = forward.prefix_attention(module, q, q, q, allow, shared_prefix=prefix, mode="auto", sdpa=sdpa)
+        assert shape == (2, 1, 8, 4)
+    assert seen == [True, False]
 
 
 @pytest.mark.parametrize("mode", ["sdpa", "joined"])

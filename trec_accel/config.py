@@ -53,8 +53,8 @@ class ModelConfig:
     prefix_attention: str = _f("auto", "How the question tokens attend to the shared instruction under SDPA: "
                                "'grouped' reads its one copy by grouped matrix products, 'joined' copies it before "
                                "every row; 'auto' groups where that was measured faster on an H200: rows of at most 24 "
-                               "tokens whose joined copies would be large (the 7B shape at batch 256, not SmolLM2 or "
-                               "small batches; BENCHMARKS.md).", ("auto", "grouped", "joined"))
+                               "tokens whose joined copies would be large, in training (the 7B shape at batch 256, not "
+                               "SmolLM2, small batches or scoring; BENCHMARKS.md).", ("auto", "grouped", "joined"))
     cudnn_attention: bool = _f(False, "Let PyTorch's SDPA pick cuDNN attention on CUDA. Off: cuDNN builds an "
                                "execution plan for every new input shape (2-4 s each on an H100, measured), and "
                                "length-grouped training batches and evaluation batches keep changing shape; the other "

@@ -104,16 +104,20 @@ def joined(prefix_keys, prefix_values, keys, values):
 # prefix, 256 rows): 2.9 / 4.2 / 5.5 ms grouped at widths 16 / 24 / 32 against 4.7 / 4.9 / 5.1 ms joined. The
 # grouped score matrices grow with the width, the joined copies do not; and where those copies are small (the 7B
 # shape at 32 rows, SmolLM2 at 256) the grouped path's extra kernels cost more than the copies (2.2-2.7 ms
-# against 0.8-1.0 ms).
+# against 0.8-1.0 ms). Without gradients (scoring) grouping did not pay: the 500 test questions of the 7B shape
+# scored in 0.53 / 1.90 s grouped against 0.51 / 1.52 s joined (coarse / fine; BENCHMARKS.md session 10), as the
+# joined copies' cost is mostly their backward.
 GROUPED_MAX_WIDTH = 24
 GROUPED_MIN_JOINED = 2**27  # elements of one layer's joined keys and values: 344M for the 7B shape at 256 rows
 
 
-def groups_prefix(mode: str, batch: int, width: int, prefix: int, heads: int, head_dim: int) -> bool:
-    """Whether rows attend to the prefix by `grouped_prefix_attention` (else it is joined to every row)."""
+def groups_prefix(mode: str, batch: int, width: int, prefix: int, heads: int, head_dim: int, grad: bool) -> bool:
+    """Whether rows attend to the prefix by `grouped_prefix_attention` (else it is joined to every row); `grad`:
+    whether the pass records gradients."""
     if mode != "auto":
         return mode == "grouped"
-    return width <= GROUPED_MAX_WIDTH and 2 * batch * heads * (prefix + width) * head_dim >= GROUPED_MIN_JOINED
+    return (grad and width <= GROUPED_MAX_WIDTH
+            and 2 * batch * heads * (prefix + width) * head_dim >= GROUPED_MIN_JOINED)
 
 
 PREFIX_ATTENTION = "sdpa_prefix_"  # + the mode: the names `register_prefix_attention` registers
@@ -150,7 +154,7 @@ def prefix_attention(module, query, key, value, attention_mask, dropout: float =
     if shared_prefix is not None:
         prefix_keys, prefix_values = shared_prefix.states[module.layer_idx]
         b, h, s, d = query.shape
-        if groups_prefix(mode, b, s, prefix_keys.shape[2], h, d):
+        if groups_prefix(mode, b, s, prefix_keys.shape[2], h, d, torch.is_grad_enabled()):
             return grouped_prefix_attention(query, key, value, prefix_keys, prefix_values, attention_mask,
                                             d ** -0.5 if scaling is None else scaling, dropout), None
         key, value = joined(prefix_keys, prefix_values, key, value)
