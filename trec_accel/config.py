@@ -108,7 +108,9 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     warmup_steps: int = _f(0, "Linear warm-up steps before the schedule.")
     scheduler: str = _f("cosine", "Learning-rate schedule after warm-up.", ("cosine", "linear", "constant"))
-    optimizer: str = _f("adamw", "adamw (torch), or bitsandbytes paged_adamw_32bit / paged_adamw_8bit / adamw_8bit.",
+    optimizer: str = _f("adamw", "adamw (torch's, one fused kernel for all LoRA tensors on one GPU or DDP), or "
+                        "bitsandbytes' paged_adamw_32bit / paged_adamw_8bit / adamw_8bit, which wait for the GPU after "
+                        "each tensor (the 7B step 8% slower with paged_adamw_32bit; BENCHMARKS.md).",
                         ("adamw", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"))
     max_grad_norm: float = _f(0.3, "Gradient clipping norm (0 = off).")
     shared_prefix: str = _f("auto", "Run the instruction shared by every example once per micro-batch and reuse its "
