@@ -13,3 +13,21 @@ def test_table_shows_each_scoring_variant_at_its_fastest_batch():
         "| 667 q/s | | | | x533 vs generate |",
         "| coarse | eval: the same, 4-bit base dequantized, adapter merged into the weights (batch/tokens 256/16384), "
         "500 questions in 0.55 s | 909 q/s | | | | x727 vs generate |"]
+
+
+def test_a_variant_given_twice_keeps_both_runs(monkeypatch, tmp_path):
+    """`--c-variants "" ""` measures a host's first and second run of the same setting: both get their row."""
+    import argparse
+
+    from trec_accel import benchmark
+    seconds = iter([25.0, 20.0])
+    monkeypatch.setattr(benchmark, "_train_process", lambda args, overrides, out: (
+        {"sequences": 4864, "train_seconds": next(seconds), "first_step_seconds": 3.0, "global_batch": 256,
+         "peak_mem_gib": 10.0}, 30.0))
+    args = argparse.Namespace(batch=[256], c_variants=["", ""], config="c.yaml", model="m", data="d", checkpointing=1,
+                              c_overrides=[], out_dir=str(tmp_path))
+    results = {"coarse/mean_sequence_tokens": 20.0}
+    benchmark.trec_accel_setup(args, "coarse", 4907, 20.0, results)
+    assert [round(results[k]["sequences_per_s"], 1) for k in ("coarse/c/256", "coarse/c/256 (run 2)")] == [194.6, 243.2]
+    rows = [r.split(" | ")[1] for r in table(results).splitlines() if "(c)" in r and "without" not in r]
+    assert rows == ["(c) trec-accel, batch 256", "(c) trec-accel, batch 256 (run 2)"]

@@ -159,6 +159,8 @@ def trec_accel_setup(args, task: str, n_train: int, mean_len: float, results: di
     for batch in args.batch:
         for variant in args.c_variants:
             name = f"{task}/c/{batch}" + (f"/{variant}" if variant else "")
+            run = 1 + sum(k == name or k.startswith(name + " (run ") for k in results)
+            name += f" (run {run})" if run > 1 else ""  # a variant given twice: the host's second run of it
             overrides = ["--config", args.config, f"model.name={args.model}", f"data.path={args.data}",
                          f"data.task={task}", "train.max_steps=0", "train.epochs=1", f"train.batch_size={batch}",
                          "train.grad_accum=1", "train.group_by_length=true",
@@ -166,7 +168,7 @@ def trec_accel_setup(args, task: str, n_train: int, mean_len: float, results: di
                          "train.eval_every=0", "train.save_every=0", "train.log_every=1000", *args.c_overrides,
                          *variant.split()]
             s, _ = _train_process(args, overrides, Path(args.out_dir) / name.replace("/", "_"))
-            results[name] = {**_summary_row(s, n_train, mean_len), "batch": batch, "variant": variant,
+            results[name] = {**_summary_row(s, n_train, mean_len), "batch": batch, "variant": variant, "run": run,
                              "checkpointing": bool(args.checkpointing)}
             print(json.dumps({name: results[name]}), flush=True)
 
@@ -286,7 +288,8 @@ def table(results: dict) -> str:
         bs = {r["batch"]: r["sequences_per_s"] for k, r in results.items() if k.startswith(f"{task}/b/")}
         rows = [(names["a"], results[f"{task}/a"])] if f"{task}/a" in results else []
         rows += [(f"{names['b']} {r['batch']}", r) for k, r in results.items() if k.startswith(f"{task}/b/")]
-        rows += [(f"(c) trec-accel, batch {r['batch']} {r['variant']}".rstrip(), r)
+        rows += [(f"(c) trec-accel, batch {r['batch']} {r['variant']}".rstrip() + (f" (run {r['run']})" if r["run"] > 1
+                                                                                   else ""), r)
                  for k, r in results.items() if k.startswith(f"{task}/c/")]
         for label, r in rows:
             # Against (b) at the same batch where it ran, else its first batch.
