@@ -396,6 +396,29 @@ def test_bad_data_and_bad_config_stop_before_training(tmp_path, toy_data):
 # --------------------------------------------------------------------------- 6. resuming with another batch layout
 
 
+@pytest.mark.parametrize("recorded", [True, False])
+def test_resume_with_another_optimizer_is_refused(tmp_path, toy_data, recorded):
+    """A checkpoint's optimizer state is its optimizer's (the 7B configs moved from bitsandbytes' paged AdamW 32-bit
+    to torch's AdamW): another one is refused with one line, before the model loads where the checkpoint names its
+    optimizer, after loading the state where it was written before it did; the checkpoint's own optimizer resumes."""
+    from trec_accel.config import ConfigError
+    out = tmp_path / "run"
+    common = [f"output_dir={out}", *data_overrides(toy_data), *SMALL, "train.save_every=1"]
+    run_inprocess(common + ["train.max_steps=1", "train.optimizer=paged_adamw_32bit"])
+    ckpt = out / "checkpoints" / "step-1"
+    state = read_json(ckpt / "trainer_state.json")
+    assert state["optimizer"] == "paged_adamw_32bit"
+    if not recorded:
+        del state["optimizer"]
+        (ckpt / "trainer_state.json").write_text(json.dumps(state))
+        checkpoint.write_manifest(ckpt)
+    written = "train.optimizer=paged_adamw_32bit" if recorded else "one of bitsandbytes' optimizers"
+    with pytest.raises(ConfigError, match=f"train.optimizer=adamw: its optimizer state was written with {written}"):
+        run_inprocess(common + ["train.max_steps=2", "resume=latest"])
+    summary = run_inprocess(common + ["train.max_steps=2", "train.optimizer=paged_adamw_32bit", "resume=latest"])
+    assert summary["step"] == 2
+
+
 def test_resume_with_another_batch_split_or_size(tmp_path, toy_data):
     """A checkpoint falls between optimizer steps, so a resume may split the global batch differently
     (batch_size x grad_accum) and train as if it had not; a bigger global batch goes on from the same example."""
