@@ -105,8 +105,7 @@ def joined(prefix_keys, prefix_values, keys, values):
 # grouped score matrices grow with the width, the joined copies do not; and where those copies are small (the 7B
 # shape at 32 rows, SmolLM2 at 256) the grouped path's extra kernels cost more than the copies (2.2-2.7 ms
 # against 0.8-1.0 ms). Without gradients (scoring) grouping did not pay: the 500 test questions of the 7B shape
-# scored in 0.53 / 1.90 s grouped against 0.51 / 1.52 s joined (coarse / fine; BENCHMARKS.md session 10), as the
-# joined copies' cost is mostly their backward.
+# scored in 0.53 / 1.90 s grouped against 0.51 / 1.52 s joined (coarse / fine; BENCHMARKS.md session 10).
 GROUPED_MAX_WIDTH = 24
 GROUPED_MIN_JOINED = 2**27  # elements of one layer's joined keys and values: 344M for the 7B shape at 256 rows
 
