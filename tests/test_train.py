@@ -419,6 +419,18 @@ def test_resume_with_another_optimizer_is_refused(tmp_path, toy_data, recorded):
     assert summary["step"] == 2
 
 
+def test_paging_does_not_change_an_optimizers_state():
+    """Paged and unpaged bitsandbytes optimizers of one precision keep the same state: either resumes the other."""
+    from trec_accel.config import ConfigError
+    from trec_accel.train import check_resumed_optimizer
+    check_resumed_optimizer("adamw_8bit", Path("c"), recorded="paged_adamw_8bit")
+    check_resumed_optimizer("paged_adamw_32bit", Path("c"), state={"state": {0: {"step": 0}}})  # nothing stepped
+    with pytest.raises(ConfigError, match="written with train.optimizer=paged_adamw_32bit"):
+        check_resumed_optimizer("paged_adamw_8bit", Path("c"), recorded="paged_adamw_32bit")
+    with pytest.raises(ConfigError, match="written with train.optimizer=adamw"):
+        check_resumed_optimizer("adamw_8bit", Path("c"), state={"state": {0: {"step": 3, "exp_avg": 0}}})
+
+
 def test_resume_with_another_batch_split_or_size(tmp_path, toy_data):
     """A checkpoint falls between optimizer steps, so a resume may split the global batch differently
     (batch_size x grad_accum) and train as if it had not; a bigger global batch goes on from the same example."""
