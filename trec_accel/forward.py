@@ -104,8 +104,9 @@ def joined(prefix_keys, prefix_values, keys, values):
 # prefix, 256 rows): 2.9 / 4.2 / 5.5 ms grouped at widths 16 / 24 / 32 against 4.7 / 4.9 / 5.1 ms joined. The
 # grouped score matrices grow with the width, the joined copies do not; and where those copies are small (the 7B
 # shape at 32 rows, SmolLM2 at 256) the grouped path's extra kernels cost more than the copies (2.2-2.7 ms
-# against 0.8-1.0 ms). Without gradients (scoring) grouping did not pay: the 500 test questions of the 7B shape
-# scored in 0.53 / 1.90 s grouped against 0.51 / 1.52 s joined (coarse / fine; BENCHMARKS.md session 10).
+# against 0.8-1.0 ms). Without gradients (scoring) grouping did not pay on the whole: on two hosts the 7B shape
+# scored the 500 fine test questions in 1.90-1.96 s grouped against 1.52-1.58 s joined, the coarse ones in 0.49-0.53
+# s against 0.51-0.57 s (BENCHMARKS.md sessions 9 and 10).
 GROUPED_MAX_WIDTH = 24
 GROUPED_MIN_JOINED = 2**27  # elements of one layer's joined keys and values: 344M for the 7B shape at 256 rows
 
