@@ -491,6 +491,9 @@ def build_mistral_7b_random(dest: PathLike, device: Optional[str] = None, seed: 
     del model
     if str(device).startswith("cuda"):
         torch.cuda.empty_cache()
+        # The process that built it goes on to load and train it: its peak memory is the run's, not the build's
+        # (13.5 GiB reported for 9.8 of training, BENCHMARKS.md session 10).
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def check_smollm2_tokenizer(tok, gguf: pathlib.Path) -> None:
