@@ -396,39 +396,61 @@ def test_bad_data_and_bad_config_stop_before_training(tmp_path, toy_data):
 # --------------------------------------------------------------------------- 6. resuming with another batch layout
 
 
+def _checkpoint_of_one_step(out: Path, common: list[str], optimizer: str, recorded: bool) -> Path:
+    """A run's step-1 checkpoint; `recorded=False` makes it one written before checkpoints recorded their settings."""
+    run_inprocess(common + ["train.max_steps=1", f"train.optimizer={optimizer}"])
+    ckpt = out / "checkpoints" / "step-1"
+    state = read_json(ckpt / "trainer_state.json")
+    assert state["settings"] == {"lora.r": 8, "lora.alpha": 16, "train.optimizer": optimizer,
+                                 "lora.target_modules": sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                "up_proj", "down_proj", "lm_head"])}
+    if not recorded:
+        del state["settings"]
+        (ckpt / "trainer_state.json").write_text(json.dumps(state))
+        checkpoint.write_manifest(ckpt)
+    return ckpt
+
+
 @pytest.mark.parametrize("recorded", [True, False])
 def test_resume_with_another_optimizer_is_refused(tmp_path, toy_data, recorded):
     """A checkpoint's optimizer state is its optimizer's (the 7B configs moved from bitsandbytes' paged AdamW 32-bit
-    to torch's AdamW): another one is refused with one line, before the model loads where the checkpoint names its
-    optimizer, after loading the state where it was written before it did; the checkpoint's own optimizer resumes."""
-    from trec_accel.config import ConfigError
+    to torch's AdamW): another one is refused with one line, before the model loads where the checkpoint records its
+    settings, after loading the state where it was written before it did; the checkpoint's own optimizer resumes."""
     out = tmp_path / "run"
     common = [f"output_dir={out}", *data_overrides(toy_data), *SMALL, "train.save_every=1"]
-    run_inprocess(common + ["train.max_steps=1", "train.optimizer=paged_adamw_32bit"])
-    ckpt = out / "checkpoints" / "step-1"
-    state = read_json(ckpt / "trainer_state.json")
-    assert state["optimizer"] == "paged_adamw_32bit"
-    if not recorded:
-        del state["optimizer"]
-        (ckpt / "trainer_state.json").write_text(json.dumps(state))
-        checkpoint.write_manifest(ckpt)
+    _checkpoint_of_one_step(out, common, "paged_adamw_32bit", recorded)
     written = "train.optimizer=paged_adamw_32bit" if recorded else "one of bitsandbytes' optimizers"
-    with pytest.raises(ConfigError, match=f"train.optimizer=adamw: its optimizer state was written with {written}"):
+    with pytest.raises(checkpoint.CheckpointError, match=f"optimizer=adamw: its state was written with {written}"):
         run_inprocess(common + ["train.max_steps=2", "resume=latest"])
     summary = run_inprocess(common + ["train.max_steps=2", "train.optimizer=paged_adamw_32bit", "resume=latest"])
     assert summary["step"] == 2
 
 
+@pytest.mark.parametrize("change, recorded, says", [
+    ("lora.r=4", True, "with lora.r=4: its state was written with lora.r=8"),
+    ("lora.r=4", False, "do not fit this run's LoRA .*size mismatch"),
+    ("lora.target_modules=[q_proj,v_proj]", False, "do not fit this run's LoRA .*optimizer's group"),
+])
+def test_resume_with_another_lora_is_refused(tmp_path, toy_data, change, recorded, says):
+    """LoRA weights of other shapes (or of other modules) than the checkpoint's are refused with one line, not
+    PyTorch's list of mismatched tensors: by the recorded settings, else when the state does not load."""
+    out = tmp_path / "run"
+    common = [f"output_dir={out}", *data_overrides(toy_data), *SMALL, "train.save_every=1"]
+    _checkpoint_of_one_step(out, common, "adamw", recorded)
+    with pytest.raises(checkpoint.CheckpointError, match=says):
+        run_inprocess(common + ["train.max_steps=2", change, "resume=latest"])
+
+
 def test_paging_does_not_change_an_optimizers_state():
     """Paged and unpaged bitsandbytes optimizers of one precision keep the same state: either resumes the other."""
-    from trec_accel.config import ConfigError
-    from trec_accel.train import check_resumed_optimizer
-    check_resumed_optimizer("adamw_8bit", Path("c"), recorded="paged_adamw_8bit")
-    check_resumed_optimizer("paged_adamw_32bit", Path("c"), state={"state": {0: {"step": 0}}})  # nothing stepped
-    with pytest.raises(ConfigError, match="written with train.optimizer=paged_adamw_32bit"):
-        check_resumed_optimizer("paged_adamw_8bit", Path("c"), recorded="paged_adamw_32bit")
-    with pytest.raises(ConfigError, match="written with train.optimizer=adamw"):
-        check_resumed_optimizer("adamw_8bit", Path("c"), state={"state": {0: {"step": 3, "exp_avg": 0}}})
+    now = {"lora.r": 8, "train.optimizer": "adamw_8bit"}
+    checkpoint.check_settings(Path("c"), {"lora.r": 8, "train.optimizer": "paged_adamw_8bit"}, now)
+    checkpoint.check_settings(Path("c"), None, now)  # written before settings were recorded
+    checkpoint.check_optimizer_state(Path("c"), "paged_adamw_32bit", {"state": {0: {"step": 0}}})  # nothing stepped
+    with pytest.raises(checkpoint.CheckpointError, match="written with train.optimizer=paged_adamw_32bit"):
+        checkpoint.check_settings(Path("c"), {"train.optimizer": "paged_adamw_32bit"}, now)
+    with pytest.raises(checkpoint.CheckpointError, match="written with train.optimizer=adamw"):
+        checkpoint.check_optimizer_state(Path("c"), "adamw_8bit", {"state": {0: {"step": 3, "exp_avg": 0}}})
 
 
 def test_resume_with_another_batch_split_or_size(tmp_path, toy_data):

@@ -109,3 +109,53 @@ def save(accelerator, root: Path, step: int, trainer_state: dict, keep: int, pro
 
 def load_trainer_state(folder: Path) -> dict:
     return json.loads((folder / TRAINER_STATE).read_text())
+
+
+# Optimizers whose per-tensor state has one layout: paging does not change it; another layout cannot be stepped
+# (torch's AdamW found no `exp_avg` in bitsandbytes' state and ended in a KeyError).
+OPTIMIZER_LAYOUT = {"adamw": "torch's AdamW", "paged_adamw_32bit": "bitsandbytes' 32-bit",
+                    "paged_adamw_8bit": "bitsandbytes' 8-bit", "adamw_8bit": "bitsandbytes' 8-bit"}
+
+
+def _refuse(folder: Path, setting: str, written: str) -> None:
+    raise CheckpointError(f"cannot resume from {folder} with {setting}: its state was written with {written}; resume "
+                          "with that, or start a new run")
+
+
+def check_settings(folder: Path, recorded: dict | None, now: dict) -> None:
+    """Refuse to resume from `folder` with settings its state does not fit: `recorded` is what its trainer state
+    records (None where it was written before it recorded them), `now` this run's (train.resume_settings)."""
+    for key, written in (recorded or {}).items():
+        same = (OPTIMIZER_LAYOUT.get(written) == OPTIMIZER_LAYOUT.get(now.get(key)) if key == "train.optimizer"
+                else written == now.get(key))
+        if not same:
+            _refuse(folder, f"{key}={now.get(key)}", f"{key}={written}")
+
+
+def check_optimizer_state(folder: Path, optimizer: str, state: dict) -> None:
+    """For a checkpoint that records no settings: refuse `optimizer` where its loaded state dict is another family's
+    (torch's AdamW keeps `exp_avg` beside `step`, bitsandbytes' optimizers other names)."""
+    keys = {k for per_tensor in state.get("state", {}).values() for k in per_tensor}
+    if not keys - {"step"}:  # no step taken yet: nothing to tell them apart by, nor to misread
+        return
+    torch_state = "exp_avg" in keys
+    if torch_state != (optimizer == "adamw"):
+        _refuse(folder, f"train.optimizer={optimizer}",
+                "train.optimizer=adamw" if torch_state else "one of bitsandbytes' optimizers")
+
+
+# What PyTorch says when a checkpoint's weights or optimizer state do not fit the model and optimizer built now.
+_MISFIT = ("size mismatch", "doesn't match the size of optimizer's group", "different number of parameter groups")
+
+
+def load_state(accelerator, folder: Path, **kwargs) -> None:
+    """`accelerator.load_state`, with a checkpoint that does not fit this run's LoRA (written before checkpoints
+    recorded their settings) refused in one line instead of PyTorch's list of mismatched tensors."""
+    try:
+        accelerator.load_state(str(folder), **kwargs)
+    except (RuntimeError, ValueError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if any(m in line for m in _MISFIT)]
+        if not lines:
+            raise
+        raise CheckpointError(f"cannot resume from {folder}: its trainable weights do not fit this run's LoRA "
+                              f"(lora.r or lora.target_modules changed?): {lines[0]}") from None

@@ -169,7 +169,8 @@ class Config:
     output_dir: str = _f("runs/default", "Where config.yaml, checkpoints/, adapter/ and reports go.")
     seed: int = _f(42, "Seed for LoRA init, dropout and data order.")
     resume: str = _f("", "'' (fresh run), 'latest' (newest complete checkpoint in output_dir, if any) or a "
-                     "checkpoint path.")
+                     "checkpoint path. The checkpoint's state fits only its lora.r, lora.alpha, lora.target_modules "
+                     "and train.optimizer (paged or not): a resume that changes them is refused.")
     adapter: str = _f("", "Trained adapter folder to evaluate or predict with ('' = zero-shot base model).")
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

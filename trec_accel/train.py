@@ -70,29 +70,11 @@ def make_optimizer(t: TrainConfig, params, foreach: bool | None = None, fused: b
     return cls(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-# What each optimizer keeps per tensor, by the layout of its state: a checkpoint of one cannot be stepped by another
-# (torch's AdamW found no `exp_avg` in bitsandbytes' state and ended in a KeyError); paging does not change it.
-STATE_LAYOUT = {"adamw": "torch's AdamW", "paged_adamw_32bit": "bitsandbytes' 32-bit",
-                "paged_adamw_8bit": "bitsandbytes' 8-bit", "adamw_8bit": "bitsandbytes' 8-bit"}
-
-
-def check_resumed_optimizer(name: str, folder: Path, recorded: str | None = None, state: dict | None = None) -> None:
-    """Refuse to resume from `folder` with train.optimizer=`name` where its optimizer state belongs to another.
-    `recorded`: the train.optimizer its trainer_state.json names; `state`: its loaded optimizer state dict, for
-    checkpoints that name none (written before it was recorded): torch's AdamW keeps `exp_avg` beside `step`,
-    bitsandbytes' optimizers other names."""
-    if recorded is not None:
-        written, same = f"train.optimizer={recorded}", STATE_LAYOUT.get(recorded) == STATE_LAYOUT[name]
-    else:
-        keys = {k for per_tensor in (state or {}).get("state", {}).values() for k in per_tensor}
-        if not keys - {"step"}:  # no step taken yet: nothing to tell them apart by, nor to misread
-            return
-        torch_state = "exp_avg" in keys
-        written = "train.optimizer=adamw" if torch_state else "one of bitsandbytes' optimizers"
-        same = torch_state == (name == "adamw")
-    if not same:
-        raise ConfigError(f"cannot resume from {folder} with train.optimizer={name}: its optimizer state was written "
-                          f"with {written}; resume with that optimizer, or start a new run")
+def resume_settings(cfg: Config) -> dict:
+    """The settings a checkpoint's state fits, as its trainer state records them (`checkpoint.check_settings`): the
+    LoRA weights' shapes and scale, and the optimizer whose state it holds."""
+    return {"lora.r": cfg.lora.r, "lora.alpha": cfg.lora.alpha, "lora.target_modules": sorted(cfg.lora.target_modules),
+            "train.optimizer": cfg.train.optimizer}
 
 
 def make_scheduler(t: TrainConfig, optimizer, total_steps: int):
@@ -225,8 +207,8 @@ class TrainRecipe:
         self.start = checkpoint.load_trainer_state(self.resume_from) if self.resume_from is not None else \
             asdict(TrainState())
         self.state = TrainState.from_dict(self.start)
-        if self.resume_from is not None:  # before the model loads: a wrong optimizer shows in a second
-            check_resumed_optimizer(cfg.train.optimizer, self.resume_from, recorded=self.start.get("optimizer"))
+        if self.resume_from is not None:  # before the model loads: a setting the state does not fit shows in a second
+            checkpoint.check_settings(self.resume_from, self.start.get("settings"), resume_settings(cfg))
         self.task = load_task(cfg.data.task)
         splits = load_data(cfg.data, self.task)
         self.train_examples = splits["train"][: cfg.data.max_examples or None]
@@ -322,9 +304,10 @@ class TrainRecipe:
     def _resume(self) -> None:
         # Checkpoints hold the trainable weights only; DeepSpeed's engine names the same switch differently.
         deepspeed = self.runtime.backend in ("deepspeed", "zero3")
-        self.accelerator.load_state(str(self.resume_from), **{"load_module_strict" if deepspeed else "strict": False})
-        if not deepspeed and "optimizer" not in self.start:  # DeepSpeed's engine keeps the optimizer state itself
-            check_resumed_optimizer(self.cfg.train.optimizer, self.resume_from, state=self.optimizer.state_dict())
+        checkpoint.load_state(self.accelerator, self.resume_from,
+                              **{"load_module_strict" if deepspeed else "strict": False})
+        if not deepspeed and "settings" not in self.start:  # DeepSpeed's engine keeps the optimizer state itself
+            checkpoint.check_optimizer_state(self.resume_from, self.cfg.train.optimizer, self.optimizer.state_dict())
         # load_state restores Accelerate's micro-batch counter, which decides when gradients sync and the optimizer
         # steps. A checkpoint always falls between optimizer steps, so a new window starts here, whatever
         # grad_accum was before (3 micro-batches of grad_accum=1, resumed with 2, would step mid-window).
@@ -518,7 +501,7 @@ class TrainRecipe:
         best = (state.best_step,) if state.best_step is not None else ()
         with self.clock.paused():
             return checkpoint.save(self.accelerator, self.out / "checkpoints", state.step,
-                                   {**asdict(state), **self.totals(), "optimizer": self.cfg.train.optimizer},
+                                   {**asdict(state), **self.totals(), "settings": resume_settings(self.cfg)},
                                    self.cfg.train.keep_last, protect=best)
 
     # ------------------------------------------------------------------ cleanup
