@@ -111,10 +111,10 @@ def load_trainer_state(folder: Path) -> dict:
     return json.loads((folder / TRAINER_STATE).read_text())
 
 
-# Optimizers whose per-tensor state has one layout: paging does not change it; another layout cannot be stepped
-# (torch's AdamW found no `exp_avg` in bitsandbytes' state and ended in a KeyError).
-OPTIMIZER_LAYOUT = {"adamw": "torch's AdamW", "paged_adamw_32bit": "bitsandbytes' 32-bit",
-                    "paged_adamw_8bit": "bitsandbytes' 8-bit", "adamw_8bit": "bitsandbytes' 8-bit"}
+def _state_layout(optimizer: str | None) -> str | None:
+    """train.optimizer up to paging, which does not change the state an optimizer keeps (another state cannot be
+    stepped: torch's AdamW found no `exp_avg` in bitsandbytes' state and ended in a KeyError)."""
+    return optimizer.removeprefix("paged_") if optimizer else optimizer
 
 
 def _refuse(folder: Path, setting: str, written: str) -> None:
@@ -126,7 +126,7 @@ def check_settings(folder: Path, recorded: dict | None, now: dict) -> None:
     """Refuse to resume from `folder` with settings its state does not fit: `recorded` is what its trainer state
     records (None where it was written before it recorded them), `now` this run's (train.resume_settings)."""
     for key, written in (recorded or {}).items():
-        same = (OPTIMIZER_LAYOUT.get(written) == OPTIMIZER_LAYOUT.get(now.get(key)) if key == "train.optimizer"
+        same = (_state_layout(written) == _state_layout(now.get(key)) if key == "train.optimizer"
                 else written == now.get(key))
         if not same:
             _refuse(folder, f"{key}={now.get(key)}", f"{key}={written}")
