@@ -16,6 +16,7 @@ from trec_accel.batching import Encoder, collate, epoch_order
 from trec_accel.config import load_config
 from trec_accel.data import load_data
 from trec_accel.loss import LabelLoss
+from trec_accel.memory import GIB
 from trec_accel.model import add_lora, load_base, parameter_counts, prepare_for_training
 from trec_accel.runtime import start
 from trec_accel.scoring import evaluate_examples
@@ -38,7 +39,7 @@ def timed(fn) -> float:
 
 def report(prof, wall: float, what: str) -> None:
     ka = prof.key_averages()
-    peak = f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if CUDA else ""
+    peak = f", peak {torch.cuda.max_memory_allocated() / GIB:.2f} GiB" if CUDA else ""
     print(f"{what}: {1000 * wall:.0f} ms wall{peak}")
     print(ka.table(sort_by="self_device_time_total" if CUDA else "self_cpu_time_total", row_limit=14,
                    max_name_column_width=50))

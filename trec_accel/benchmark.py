@@ -154,13 +154,17 @@ def _summary_row(s: dict, n_train: int, mean_len: float) -> dict:
             "train_seconds": s["train_seconds"], "sequences": s["sequences"], "global_batch": s["global_batch"]}
 
 
+def _run_note(run: int) -> str:
+    return f" (run {run})" if run > 1 else ""
+
+
 def trec_accel_setup(args, task: str, n_train: int, mean_len: float, results: dict) -> None:
     """Setup c: the real entry point for one epoch, at each --batch and each --c-variants set of overrides."""
     for batch in args.batch:
         for variant in args.c_variants:
             name = f"{task}/c/{batch}" + (f"/{variant}" if variant else "")
             run = 1 + sum(k == name or k.startswith(name + " (run ") for k in results)
-            name += f" (run {run})" if run > 1 else ""  # a variant given twice: the host's second run of it
+            name += _run_note(run)  # a variant given twice: the host's second run of it
             overrides = ["--config", args.config, f"model.name={args.model}", f"data.path={args.data}",
                          f"data.task={task}", "train.max_steps=0", "train.epochs=1", f"train.batch_size={batch}",
                          "train.grad_accum=1", "train.group_by_length=true",
@@ -288,8 +292,7 @@ def table(results: dict) -> str:
         bs = {r["batch"]: r["sequences_per_s"] for k, r in results.items() if k.startswith(f"{task}/b/")}
         rows = [(names["a"], results[f"{task}/a"])] if f"{task}/a" in results else []
         rows += [(f"{names['b']} {r['batch']}", r) for k, r in results.items() if k.startswith(f"{task}/b/")]
-        rows += [(f"(c) trec-accel, batch {r['batch']} {r['variant']}".rstrip() + (f" (run {r['run']})" if r["run"] > 1
-                                                                                   else ""), r)
+        rows += [(f"(c) trec-accel, batch {r['batch']} {r['variant']}".rstrip() + _run_note(r["run"]), r)
                  for k, r in results.items() if k.startswith(f"{task}/c/")]
         for label, r in rows:
             # Against (b) at the same batch where it ran, else its first batch.
