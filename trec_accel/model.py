@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import Config, ConfigError
 from .forward import checkpoint_layers, register_prefix_attention
+from .liger import apply_liger
 from .lora_groups import decide_fused_lora, fuse_lora
 from .memory import GIB, out_of_memory
 from .offline_models import BUILD_VERSION, auto_tokenizer, offline_name, portable_name, resolve_model_path
@@ -116,16 +117,6 @@ def load_base(cfg: Config, runtime: Runtime):
         else:  # Liger's kernels are Triton, CUDA only
             log.info("model.liger_kernels=true needs CUDA: running without it")
     return model, tokenizer, plan
-
-
-def apply_liger(model) -> None:
-    try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    except ImportError:
-        log.warning("model.liger_kernels=true, but liger-kernel is not installed: running without it")
-        return
-    # The loss takes logits only at label positions already, so Liger's fused linear cross-entropy is not used.
-    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
 
 
 def context_length(model) -> int | None:
