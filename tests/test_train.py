@@ -222,15 +222,21 @@ def test_a_token_cap_runs_the_same_steps_in_more_passes(tmp_path, toy_data, monk
             assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
 
 
-def test_a_token_cap_is_refused_where_the_backend_counts_backward_passes():
-    from types import SimpleNamespace
-
+def test_a_token_cap_that_would_split_a_micro_batch_is_refused_where_the_backend_counts_backward_passes():
+    from trec_accel.batching import Encoded
     from trec_accel.config import ConfigError, TrainConfig
-    from trec_accel.train import configure_backend
+    from trec_accel.train import check_pass_cap
+    # The widest row: 10 prefix tokens, 27 after them with its label, padded to 32.
+    encoded = [Encoded(list(range(30)), [1, 2]), Encoded(list(range(35)), [1, 2])]
+    t = TrainConfig(batch_size=8, max_batch_tokens=255, pad_multiple=8)
     for backend in ("deepspeed", "zero3", "fsdp"):
-        with pytest.raises(ConfigError, match=f"train.max_batch_tokens cannot be used with {backend}"):
-            configure_backend(SimpleNamespace(backend=backend), TrainConfig(max_batch_tokens=4096))
-    configure_backend(SimpleNamespace(backend="ddp"), TrainConfig(max_batch_tokens=4096))
+        with pytest.raises(ConfigError, match=f"train.max_batch_tokens=255 would run a micro-batch of 8 rows "
+                                              fr"\(up to 32 tokens wide\) in several backward passes, which {backend}"):
+            check_pass_cap(backend, t, encoded, 10)
+        check_pass_cap(backend, TrainConfig(batch_size=8, max_batch_tokens=256, pad_multiple=8), encoded, 10)
+        check_pass_cap(backend, TrainConfig(batch_size=8, max_batch_tokens=0), encoded, 10)
+    for backend in ("single", "ddp"):  # they run the passes
+        check_pass_cap(backend, t, encoded, 10)
 
 
 def test_validation_runs_the_instruction_once_whatever_training_does(tmp_path, toy_data, monkeypatch):

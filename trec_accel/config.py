@@ -127,8 +127,9 @@ class TrainConfig:
     group_by_length: bool = _f(False, "Batch questions of similar length together (shuffled in mega-batches).")
     max_batch_tokens: int = _f(0, "At most this many padded tokens (rows x width, after the shared prefix) per forward "
                                "and backward pass: a micro-batch over it runs as several passes of length-sorted rows, "
-                               "with the same gradient, so its longest questions no longer set the peak memory; one "
-                               "process or DDP (0 = no cap).")
+                               "with the same gradient, so its longest questions no longer set the peak memory. "
+                               "Splitting needs one process or DDP: under FSDP and DeepSpeed a cap that a "
+                               "micro-batch would exceed is refused (0 = no cap).")
     log_every: int = _f(10, "Log loss, lr, grad norm, tokens/s and memory every N optimizer steps.")
     eval_every: int = _f(0, "Validation loss and accuracy every N steps (0 = only at the end).")
     save_every: int = _f(100, "Checkpoint every N steps (0 = only on signal and at the end).")

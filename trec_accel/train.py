@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, signals
-from .batching import Encoded, Encoder, batch_rounds, collate, epoch_order, micro_batches, passes, shard
+from .batching import Encoded, Encoder, batch_rounds, collate, epoch_order, micro_batches, padded_width, passes, shard
 from .config import Config, ConfigError, TrainConfig, check_output_dir, flat_dict, save_config
 from .data import load_data
 from .files import publish_folder
@@ -84,12 +84,7 @@ def make_scheduler(t: TrainConfig, optimizer, total_steps: int):
 
 
 def configure_backend(runtime: Runtime, t: TrainConfig) -> None:
-    """Refuse what the backend cannot run, before the model loads; hand DeepSpeed the batch and clipping it would
-    otherwise take from a dataloader."""
-    if t.max_batch_tokens and runtime.backend not in ("single", "ddp"):
-        # DeepSpeed counts backward passes to find the end of an accumulation window, and FSDP reduces in hooks.
-        raise ConfigError(f"train.max_batch_tokens cannot be used with {runtime.backend}: it runs a micro-batch in "
-                          "several backward passes; lower train.batch_size and raise train.grad_accum instead")
+    """Hand DeepSpeed the batch and clipping it would otherwise take from a dataloader."""
     if runtime.backend in ("deepspeed", "zero3"):
         ds = runtime.accelerator.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = t.batch_size
@@ -103,6 +98,19 @@ def stop_requested(accelerator, flag: signals.StopFlag) -> bool:
     if accelerator.num_processes == 1:
         return flag.signum > 0
     return accelerator.reduce(torch.tensor(float(flag.signum), device=accelerator.device), "max").item() > 0
+
+
+def check_pass_cap(backend: str, t: TrainConfig, encoded: list[Encoded], p: int) -> None:
+    """Refuse a train.max_batch_tokens that would run a micro-batch in several backward passes under a backend that
+    cannot: DeepSpeed counts backward passes to find the end of an accumulation window, and FSDP reduces in hooks.
+    A cap that no micro-batch reaches (the 7B configs' at batch 8) is no obstacle. `p`: the shared prefix's tokens."""
+    if not t.max_batch_tokens or backend in ("single", "ddp"):
+        return
+    widest = max(padded_width(len(e.prompt_ids) + len(e.label_ids) - p, t.pad_multiple) for e in encoded)
+    if t.batch_size * widest > t.max_batch_tokens:
+        raise ConfigError(f"train.max_batch_tokens={t.max_batch_tokens} would run a micro-batch of {t.batch_size} "
+                          f"rows (up to {widest} tokens wide) in several backward passes, which {backend} cannot; "
+                          "set train.max_batch_tokens=0, or lower train.batch_size and raise train.grad_accum")
 
 
 def run_totals(start: dict, train_seconds: float, sequences: int) -> dict:
@@ -264,6 +272,7 @@ class TrainRecipe:
         self.shared = decide_shared_prefix(t.shared_prefix, runtime.backend, t.batch_size, self.graphs.on, self.total,
                                            sum(not self.encoder.shares_prefix(e) for e in self.encoded))
         self.prefix = self.encoder.prefix_ids if self.shared.on else None
+        check_pass_cap(runtime.backend, t, self.encoded, len(self.prefix or ()))
         log.info("CUDA graphs: %s; shared prefix: %s%s", self.graphs, self.shared,
                  f", {len(self.encoder.prefix_ids)} tokens run once per micro-batch" if self.shared.on else "")
         self.global_micro = t.batch_size * self.accelerator.num_processes
