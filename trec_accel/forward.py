@@ -106,7 +106,9 @@ def joined(prefix_keys, prefix_values, keys, values):
 # shape at 32 rows, SmolLM2 at 256) the grouped path's extra kernels cost more than the copies (2.2-2.7 ms
 # against 0.8-1.0 ms). Without gradients (scoring) grouping did not pay on the whole: on two hosts the 7B shape
 # scored the 500 fine test questions in 1.90-1.96 s grouped against 1.52-1.58 s joined, the coarse ones in 0.49-0.53
-# s against 0.51-0.57 s (BENCHMARKS.md sessions 9 and 10).
+# s against 0.51-0.57 s (BENCHMARKS.md sessions 9 and 10). The score products on TF32 (session 11) made grouping
+# faster still (2.2 / 3.2 ms at widths 16 / 24); grouping every fine batch (prefix 317, up to 64 wide) then ran
+# 0.5-3.5% faster and 1.1 GiB lighter than this rule, but wider coarse batches were not measured, so it stays.
 GROUPED_MAX_WIDTH = 24
 GROUPED_MIN_JOINED = 2**27  # elements of one layer's joined keys and values: 344M for the 7B shape at 256 rows
 

@@ -28,9 +28,10 @@ def rows_as_one_batch(rope):
     B x S positions, each with its own cos and sin: the same arithmetic on every element.
 
     Liger's RoPE kernel takes the batch size as a compile-time constant, so every new number of rows in a pass
-    (each length bucket's token cap, the last batch of an epoch, each scoring batch) compiled a new kernel: 3.3 of
-    the 7.7 s that a fresh host spent compiling in its first 7B epoch. One row of B x S positions compiles only
-    for the two divisibilities by 16 that Triton tells apart.
+    (a pass under the token cap, the last batch of an epoch, each scoring batch) compiled a new kernel: 12 in a
+    fresh 7B epoch. One row of B x S positions compiles only for the two divisibilities by 16 that Triton tells
+    apart: 4 (forward and backward), and that epoch took 19.1 s with Triton's cache emptied against 21.9-22.8 s
+    (BENCHMARKS.md, session 11).
     """
     @functools.wraps(rope)
     def apply(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
