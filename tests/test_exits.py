@@ -105,6 +105,40 @@ UNJOINED = ("error: this is one of 2 processes started by a launcher, but they d
             "accelerate_configs/cpu_multiprocess.yaml --multi_gpu --num_processes 2 ...; or launch one process "
             "(--num_processes 1)")
 
+def test_an_fsdp_launch_without_gpus_is_refused_in_one_line(monkeypatch):
+    from trec_accel.launcher import LaunchError, check_devices
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(LaunchError) as e:
+        check_devices(cuda=False)
+    assert f"error: {e.value}" == NO_FSDP
+    check_devices(cuda=True)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    check_devices(cuda=False)
+
+
+NO_FSDP = ("error: the launch config asks for FSDP, which needs GPUs, but this process runs on the CPU (no CUDA "
+           "device, or ACCELERATE_USE_CPU); to run 2 processes on this machine's CPU: ACCELERATE_USE_CPU=1 accelerate "
+           "launch -q --config_file accelerate_configs/cpu_multiprocess.yaml --multi_gpu --num_processes 2 ...; or "
+           "launch one process (--num_processes 1)")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the config starts a real FSDP run on GPUs")
+def test_the_shipped_fsdp_config_without_gpus_starts_no_training(tmp_path, toy_data):
+    from conftest import free_port
+
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file",
+                        "accelerate_configs/fsdp_qlora.yaml", "--main_process_port", str(free_port()),
+                        "scripts/train.py", "--config", TINY, f"output_dir={out}", f"data.path={toy_data}"],
+                       cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=300)
+    assert NO_FSDP in r.stderr.splitlines(), r.stderr[-3000:]
+    assert "no available devices" not in r.stderr  # accelerate's own failure, inside its FSDP plugin
+    assert re.search(r"exitcode\s*: 2 ", r.stderr), r.stderr[-3000:]
+    assert not out.exists()
+
+
 # accelerate's examples/config_yaml_templates/multi_gpu.yaml
 MULTI_GPU_TEMPLATE = """\
 distributed_type: "MULTI_GPU"

@@ -5,7 +5,22 @@ import os
 
 
 class LaunchError(RuntimeError):
-    """Processes started together that cannot train together."""
+    """Processes started together that cannot train together, or a launch this machine cannot run."""
+
+
+def cpu_instead(world: int) -> str:
+    return (f"to run {world} processes on this machine's CPU: ACCELERATE_USE_CPU=1 accelerate launch -q --config_file "
+            f"accelerate_configs/cpu_multiprocess.yaml --multi_gpu --num_processes {world} ...; or launch one process "
+            f"(--num_processes 1)")
+
+
+def check_devices(cuda: bool) -> None:
+    """Refuse an FSDP launch on a machine without GPUs, before accelerate's FSDP plugin fails inside itself ("There
+    are currently no available devices found")."""
+    if not cuda and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
+        world = int(os.environ.get("WORLD_SIZE") or 1)
+        raise LaunchError("the launch config asks for FSDP, which needs GPUs, but this process runs on the CPU (no "
+                          "CUDA device, or ACCELERATE_USE_CPU); " + cpu_instead(world))
 
 
 def check_joined(accelerator) -> None:
@@ -20,6 +35,4 @@ def check_joined(accelerator) -> None:
         raise LaunchError(
             f"this is one of {world} processes started by a launcher, but they did not join one distributed group "
             f"(does the launch config ask for GPUs this machine does not have?), so each would run alone in the same "
-            f"output_dir; to run {world} processes on this machine's CPU: ACCELERATE_USE_CPU=1 accelerate launch -q "
-            f"--config_file accelerate_configs/cpu_multiprocess.yaml --multi_gpu --num_processes {world} ...; or "
-            f"launch one process (--num_processes 1)")
+            f"output_dir; " + cpu_instead(world))

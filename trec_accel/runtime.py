@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import Config, ConfigError
-from .launcher import check_joined
+from .launcher import check_devices, check_joined
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -72,6 +72,7 @@ def start(cfg: Config, gradient_accumulation_steps: int = 1) -> Runtime:
     # Decided before the Accelerator exists: creating a PartialState first would fix the device and
     # ignore `accelerate launch --cpu`.
     cuda = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
+    check_devices(cuda)
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if not precision or precision == "no":
         precision = "bf16" if cuda and model_dtype(cfg.model.dtype, cuda) == "bf16" else "no"
