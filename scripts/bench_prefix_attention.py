@@ -7,6 +7,7 @@ relative error against the same computation in fp32. The figures behind `auto`'s
     python scripts/bench_prefix_attention.py --heads 9 --kv-heads 3 --head-dim 64 --prefix 130   # SmolLM2's
 """
 import argparse
+import sys
 import time
 
 import torch
@@ -48,6 +49,9 @@ def main():
     p.add_argument("--shapes", nargs="+", default=["256x16", "256x24", "256x32", "256x40", "256x48", "32x16"],
                    help="rows x width")
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("error: bench_prefix_attention.py times CUDA kernels and needs a CUDA GPU", file=sys.stderr)
+        return 2
     torch.backends.cuda.enable_cudnn_sdp(False)  # as model.cudnn_attention=false
     h, h_kv, d, n_prefix = args.heads, args.kv_heads, args.head_dim, args.prefix
     print("| rows x width | joined ms | grouped ms | joined error | grouped error |\n| --- | --- | --- | --- | --- |")
@@ -68,4 +72,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

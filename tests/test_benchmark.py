@@ -1,4 +1,13 @@
-"""scripts/benchmark.py's table: every timed scoring variant gets its row (the timings themselves need a GPU)."""
+"""scripts/benchmark.py's table: every timed scoring variant gets its row (the timings themselves need a GPU); the
+GPU-only scripts refuse a CPU in one line."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
 from trec_accel.benchmark import table
 
 
@@ -31,3 +40,15 @@ def test_a_variant_given_twice_keeps_both_runs(monkeypatch, tmp_path):
     assert [round(results[k]["sequences_per_s"], 1) for k in ("coarse/c/256", "coarse/c/256 (run 2)")] == [194.6, 243.2]
     rows = [r.split(" | ")[1] for r in table(results).splitlines() if "(c)" in r and "without" not in r]
     assert rows == ["(c) trec-accel, batch 256", "(c) trec-accel, batch 256 (run 2)"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="they run on a GPU")
+@pytest.mark.parametrize("script, args, says", [
+    ("benchmark.py", [], "error: the benchmark needs a CUDA GPU"),
+    ("bench_prefix_attention.py", [], "error: bench_prefix_attention.py times CUDA kernels and needs a CUDA GPU"),
+    ("check_graphs.py", ["--config", "configs/tiny.yaml"], "error: CUDA graphs need a CUDA GPU")])
+def test_the_gpu_only_scripts_say_so_in_one_line_on_a_cpu(script, args, says):
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert (r.returncode, r.stderr.strip().splitlines()[-1]) == (2, says), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
