@@ -1,4 +1,4 @@
-"""What a process started by a launcher checks about the others it was started with."""
+"""What a process started by a launcher checks: the devices its backend needs, and the others it was started with."""
 from __future__ import annotations
 
 import os
