@@ -80,3 +80,17 @@ def test_apply_liger_folds_the_models_rope(monkeypatch, tiny_model_path):
         got = model(ids).logits
     assert reference_rope.batches == [1] * model.config.num_hidden_layers
     torch.testing.assert_close(got, want)
+
+
+def test_keywords_of_ropes_that_take_more_reach_them():
+    """Liger's newer RoPE takes `rotary_dim`: the fold passes such keywords on, folded or not."""
+    seen = []
+
+    def rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1, **kwargs):
+        seen.append((q.shape[0], kwargs))
+        return q, k
+    g = torch.Generator().manual_seed(0)
+    for b in (3, 1):
+        q, k = projected(b, 4, 2, 8, g), projected(b, 4, 1, 8, g)
+        rows_as_one_batch(rope)(q, k, torch.ones(b, 4, 8), torch.zeros(b, 4, 8), rotary_dim=8)
+    assert seen == [(1, {"rotary_dim": 8}), (1, {"rotary_dim": 8})]

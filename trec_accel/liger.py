@@ -24,8 +24,8 @@ def apply_liger(model) -> None:
 
 
 def rows_as_one_batch(rope):
-    """`rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1)` applied to a batch of B rows as to one row of
-    B x S positions, each with its own cos and sin: the same arithmetic on every element.
+    """`rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1, **kwargs)` applied to a batch of B rows as to one
+    row of B x S positions, each with its own cos and sin: the same arithmetic on every element.
 
     Liger's RoPE kernel takes the batch size as a compile-time constant, so every new number of rows in a pass
     (a pass under the token cap, the last batch of an epoch, each scoring batch) compiled a new kernel: 12 in a
@@ -34,13 +34,13 @@ def rows_as_one_batch(rope):
     (BENCHMARKS.md, session 11).
     """
     @functools.wraps(rope)
-    def apply(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+    def apply(q, k, cos, sin, position_ids=None, unsqueeze_dim=1, **kwargs):
         b, s = q.shape[0], q.shape[2]
         if b == 1 or unsqueeze_dim != 1 or cos.dim() > 3:
-            return rope(q, k, cos, sin, position_ids, unsqueeze_dim)
+            return rope(q, k, cos, sin, position_ids, unsqueeze_dim, **kwargs)
         cos, sin = (t.expand(b, s, t.shape[-1]).reshape(1, b * s, t.shape[-1]) for t in (cos, sin))
         # (B, H, S, D) whose storage is (B, S, H, D), as the projections leave it: views, not copies.
         q1, k1 = (t.transpose(1, 2).reshape(1, b * s, t.shape[1], t.shape[3]).transpose(1, 2) for t in (q, k))
-        q1, k1 = rope(q1, k1, cos, sin, None, unsqueeze_dim)
+        q1, k1 = rope(q1, k1, cos, sin, None, unsqueeze_dim, **kwargs)
         return tuple(t.transpose(1, 2).reshape(b, s, t.shape[1], t.shape[3]).transpose(1, 2) for t in (q1, k1))
     return apply
