@@ -62,7 +62,8 @@ class ModelConfig:
     gradient_checkpointing: bool = _f(False, "Non-reentrant activation checkpointing: less memory, ~30% more compute.")
     liger_kernels: bool = _f(False, "Patch RMSNorm/RoPE/SwiGLU with Liger Triton kernels (CUDA; from the checkout: "
                              "`pip install -e '.[liger]'`): less elementwise traffic and ~1 GiB less peak memory on "
-                             "the 7B recipe.")
+                             "the 7B recipe. Triton compiles them once per machine (about 4 s of a fresh host's "
+                             "first 7B step) and keeps them in its cache (~/.triton).")
 
 
 @dataclass
