@@ -272,12 +272,17 @@ def collate(examples: Sequence[Encoded], pad_id: int, prefix_ids: Sequence[int] 
     return Batch(ids, mask, positions, targets, prefix)
 
 
+def row_width(e: Encoded, p: int, width_multiple: int) -> int:
+    """The padded width of `e`'s row after the `p` shared-prefix tokens (see `collate`)."""
+    return padded_width(len(e.prompt_ids) + len(e.label_ids) - p, width_multiple)
+
+
 def passes(examples: Sequence[Encoded], p: int, width_multiple: int, max_tokens: int) -> list[list[int]]:
     """The rows of one micro-batch (indices into `examples`) as the forward/backward passes that run them: one
     pass in the given order when its padded tokens (rows x width after the `p` prefix tokens, rounded up to
     `width_multiple`) are within `max_tokens` (0: no cap), else length-sorted passes that each are. Their
     gradients add up to the micro-batch's, since the loss is a sum over label tokens."""
-    widths = [padded_width(len(e.prompt_ids) + len(e.label_ids) - p, width_multiple) for e in examples]
+    widths = [row_width(e, p, width_multiple) for e in examples]
     if not max_tokens or len(widths) * max(widths) <= max_tokens:
         return [list(range(len(examples)))]
     return length_batches(widths, len(widths), max_tokens)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, signals
-from .batching import Encoded, Encoder, batch_rounds, collate, epoch_order, micro_batches, padded_width, passes, shard
+from .batching import Encoded, Encoder, batch_rounds, collate, epoch_order, micro_batches, passes, row_width, shard
 from .config import Config, ConfigError, TrainConfig, check_output_dir, flat_dict, save_config
 from .data import load_data
 from .files import publish_folder
@@ -106,7 +106,7 @@ def check_pass_cap(backend: str, t: TrainConfig, encoded: list[Encoded], p: int)
     A cap that no micro-batch reaches (the 7B configs' at batch 8) is no obstacle. `p`: the shared prefix's tokens."""
     if not t.max_batch_tokens or backend in ("single", "ddp"):
         return
-    widest = max(padded_width(len(e.prompt_ids) + len(e.label_ids) - p, t.pad_multiple) for e in encoded)
+    widest = max(row_width(e, p, t.pad_multiple) for e in encoded)
     if t.batch_size * widest > t.max_batch_tokens:
         raise ConfigError(f"train.max_batch_tokens={t.max_batch_tokens} would run a micro-batch of {t.batch_size} "
                           f"rows (up to {widest} tokens wide) in several backward passes, which {backend} cannot; "
