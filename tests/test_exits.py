@@ -69,6 +69,15 @@ def launcher_env(**extra) -> dict:
     return env
 
 
+def launch_training(config, out, data) -> subprocess.CompletedProcess:
+    """`accelerate launch -q --config_file config scripts/train.py` of the tiny model on `data`, into `out`."""
+    from conftest import free_port
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file", str(config),
+                           "--main_process_port", str(free_port()), "scripts/train.py", "--config", TINY,
+                           f"output_dir={out}", f"data.path={data}"],
+                          cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=300)
+
+
 def test_accelerate_launch_quiet_keeps_the_error_line_last(tmp_path):
     """The README's `accelerate launch -q`: no CalledProcessError traceback after the script's error line. The
     launcher exits 1 for any failure of its child: its quiet mode does not pass the child's code 2 on."""
@@ -105,6 +114,7 @@ UNJOINED = ("error: this is one of 2 processes started by a launcher, but they d
             "accelerate_configs/cpu_multiprocess.yaml --multi_gpu --num_processes 2 ...; or launch one process "
             "(--num_processes 1)")
 
+
 def test_an_fsdp_launch_without_gpus_is_refused_in_one_line(monkeypatch):
     from trec_accel.launcher import LaunchError, check_devices
 
@@ -126,13 +136,8 @@ NO_FSDP = ("error: the launch config asks for FSDP, which needs GPUs, but this p
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the config starts a real FSDP run on GPUs")
 def test_the_shipped_fsdp_config_without_gpus_starts_no_training(tmp_path, toy_data):
-    from conftest import free_port
-
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file",
-                        "accelerate_configs/fsdp_qlora.yaml", "--main_process_port", str(free_port()),
-                        "scripts/train.py", "--config", TINY, f"output_dir={out}", f"data.path={toy_data}"],
-                       cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=300)
+    r = launch_training("accelerate_configs/fsdp_qlora.yaml", out, toy_data)
     assert NO_FSDP in r.stderr.splitlines(), r.stderr[-3000:]
     assert "no available devices" not in r.stderr  # accelerate's own failure, inside its FSDP plugin
     assert re.search(r"exitcode\s*: 2 ", r.stderr), r.stderr[-3000:]
@@ -149,15 +154,10 @@ num_processes: 2
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the template starts a real DDP run on GPUs")
 def test_accelerates_multi_gpu_template_without_gpus_starts_no_training(tmp_path, toy_data):
-    from conftest import free_port
-
     config = tmp_path / "multi_gpu.yaml"
     config.write_text(MULTI_GPU_TEMPLATE)
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file", str(config),
-                        "--main_process_port", str(free_port()), "scripts/train.py", "--config", TINY,
-                        f"output_dir={out}", f"data.path={toy_data}"],
-                       cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=300)
+    r = launch_training(config, out, toy_data)
     # The first process to refuse exits with code 2, and the launcher stops the other. (Its torchrun path ignores
     # -q: torch's ChildFailedError report follows, and it exits 1.)
     assert UNJOINED in r.stderr.splitlines(), r.stderr[-3000:]
