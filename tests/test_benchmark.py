@@ -1,13 +1,9 @@
 """scripts/benchmark.py's table: every timed scoring variant gets its row (the timings themselves need a GPU); the
 GPU-only scripts refuse a CPU in one line."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import launch
 from trec_accel.benchmark import table
 
 
@@ -48,7 +44,6 @@ def test_a_variant_given_twice_keeps_both_runs(monkeypatch, tmp_path):
     ("bench_prefix_attention.py", [], "error: bench_prefix_attention.py times CUDA kernels and needs a CUDA GPU"),
     ("check_graphs.py", ["--config", "configs/tiny.yaml"], "error: CUDA graphs need a CUDA GPU")])
 def test_the_gpu_only_scripts_say_so_in_one_line_on_a_cpu(script, args, says):
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    r = launch(script, args, timeout=120)
     assert (r.returncode, r.stderr.strip().splitlines()[-1]) == (2, says), r.stderr[-2000:]
     assert "Traceback" not in r.stderr
