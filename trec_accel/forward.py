@@ -35,6 +35,24 @@ def _cache_writing():
         _writing_cache.reset(token)
 
 
+# True while a checkpointed layer runs its forward pass (the first time or recomputing): what is saved for the
+# backward pass there is dropped after the first time and kept from the recomputation until the layer's backward,
+# so it costs one layer's memory, not every layer's (`quantized.base_output` saves dequantized weights there).
+_checkpointed = contextvars.ContextVar("trec_accel_checkpointed", default=False)
+
+
+def in_checkpointed_layer() -> bool:
+    return _checkpointed.get()
+
+
+def _marked_checkpointed(forward, *args, **kwargs):
+    token = _checkpointed.set(True)
+    try:
+        return forward(*args, **kwargs)
+    finally:
+        _checkpointed.reset(token)
+
+
 def parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(decoder stack, lm_head) of a causal LM, with or without PEFT around it."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -295,5 +313,5 @@ def checkpoint_layers(model: nn.Module) -> None:
         def forward(*args, _forward=layer.forward, **kwargs):
             if not torch.is_grad_enabled() or _writing_cache.get():
                 return _forward(*args, **kwargs)
-            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return checkpoint(_marked_checkpointed, _forward, *args, use_reentrant=False, **kwargs)
         layer.forward = forward

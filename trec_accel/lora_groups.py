@@ -6,7 +6,8 @@ such small kernels (BENCHMARKS.md), so their number is its cost. A group draws i
 kernel (one mask per member, independent, as peft's separate dropouts draw them), casts the stacked A matrices and
 the stacked, scaled B matrices once, multiplies by the A matrices in one batched product, and adds each member's B
 product to its base output in one `addmm`. Every other LoRA layer is a group of one and saves the casts and the
-scaling of activations. The frozen base projections (4-bit ones included) run as before.
+scaling of activations. The frozen base projections run as before, but a 4-bit one in a checkpointed layer keeps
+its dequantized weight for the backward pass (`quantized.base_output`).
 
 The members stay peft's modules with peft's weights (saving, loading, merging and counting are peft's); only their
 `forward` is replaced. The first member called computes the whole group; the others take their outputs when called
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError
+from .quantized import base_output
 from .step import Decision
 
 log = logging.getLogger("trec_accel")
@@ -59,7 +61,7 @@ def lora_outputs(members: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor
     lora_b = [m.lora_B[name].weight for m in members]
     dropout = members[0].lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    base = [m.base_layer(x) for m in members]
+    base = [base_output(m.base_layer, x) for m in members]
     # The dtype peft's products run in: autocast's, else the adapter's own (peft casts the input to it).
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else lora_a[0].dtype
