@@ -169,10 +169,11 @@ def test_prefix_attention_modes(lora_model, tokenizer, monkeypatch, mode):
 
 
 def test_auto_groups_short_rows_of_large_batches():
-    """auto's rule, at the shapes it was measured on (BENCHMARKS.md sessions 9 and 10)."""
+    """auto's rule, at the shapes it was measured on (BENCHMARKS.md sessions 9 to 12)."""
     mistral = dict(prefix=140, heads=32, head_dim=128, grad=True)
-    assert groups_prefix("auto", 256, 16, **mistral) and groups_prefix("auto", 256, GROUPED_MAX_WIDTH, **mistral)
-    assert not groups_prefix("auto", 256, GROUPED_MAX_WIDTH + 1, **mistral)  # wide rows: the scores cost more
+    assert groups_prefix("auto", 256, 16, **mistral) and groups_prefix("auto", 256, 64, **mistral)   # coarse
+    assert groups_prefix("auto", 256, 64, **{**mistral, "prefix": 317})                                  # fine
+    assert not groups_prefix("auto", 256, GROUPED_MAX_WIDTH + 1, **mistral)  # wider rows: not measured faster
     assert not groups_prefix("auto", 32, 16, **mistral)  # small joined copies: the extra kernels cost more
     assert not groups_prefix("auto", 256, 16, prefix=130, heads=9, head_dim=64, grad=True)  # SmolLM2
     assert not groups_prefix("auto", 256, 16, **{**mistral, "grad": False})  # scoring: joined was faster

@@ -52,7 +52,7 @@ class ModelConfig:
                                   ("sdpa", "eager", "flash_attention_2"))
     prefix_attention: str = _f("auto", "How the question tokens attend to the shared instruction under SDPA: "
                                "'grouped' reads its one copy by grouped matrix products, 'joined' copies it before "
-                               "every row; 'auto' groups where that was measured faster on an H200: rows of at most 24 "
+                               "every row; 'auto' groups where that was measured faster on an H200: rows of at most 64 "
                                "tokens whose joined copies would be large, in training (the 7B shape at batch 256, not "
                                "SmolLM2, small batches or scoring; BENCHMARKS.md).", ("auto", "grouped", "joined"))
     cudnn_attention: bool = _f(False, "Let PyTorch's SDPA pick cuDNN attention on CUDA. Off: cuDNN builds an "

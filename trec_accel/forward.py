@@ -117,17 +117,19 @@ def joined(prefix_keys, prefix_values, keys, values):
             torch.cat([prefix_values.expand(b, -1, -1, -1), values], dim=-2))
 
 
-# `model.prefix_attention=auto` groups the attention to the prefix where that was measured faster (an H200, forward
-# and backward of one layer, BENCHMARKS.md session 9): the 7B shape (32 query / 8 key-value heads of 128, a 140-token
-# prefix, 256 rows): 2.9 / 4.2 / 5.5 ms grouped at widths 16 / 24 / 32 against 4.7 / 4.9 / 5.1 ms joined. The
-# grouped score matrices grow with the width, the joined copies do not; and where those copies are small (the 7B
-# shape at 32 rows, SmolLM2 at 256) the grouped path's extra kernels cost more than the copies (2.2-2.7 ms
-# against 0.8-1.0 ms). Without gradients (scoring) grouping did not pay on the whole: on two hosts the 7B shape
-# scored the 500 fine test questions in 1.90-1.96 s grouped against 1.52-1.58 s joined, the coarse ones in 0.49-0.53
-# s against 0.51-0.57 s (BENCHMARKS.md sessions 9 and 10). The score products on TF32 (session 11) made grouping
-# faster still (2.2 / 3.2 ms at widths 16 / 24); grouping every fine batch (prefix 317, up to 64 wide) then ran
-# 0.5-3.5% faster and 1.1 GiB lighter than this rule, but wider coarse batches were not measured, so it stays.
-GROUPED_MAX_WIDTH = 24
+# `model.prefix_attention=auto` groups the attention to the prefix where that was measured faster on H200s (the
+# 7B shape: 32 query / 8 key-value heads of 128, 256 rows, forward and backward). With fp32 score products
+# (session 9) one layer took 2.9 / 4.2 / 5.5 ms grouped at widths 16 / 24 / 32 against 4.7 / 4.9 / 5.1 ms joined
+# (prefix 140); with TF32 score products (session 11) 2.2 / 3.2 ms at 16 / 24, and whole epochs grouped at every
+# width (batches of 16 to 64 tokens; fine's prefix is 317 tokens) ran 2.1% (coarse) and 0.5-3.5% (fine) faster
+# and 0.1 / 0.7-1.1 GiB lighter than grouping only up to 24 tokens (sessions 11-12). Wider rows were not measured
+# end to end, and one layer at width 48 (prefix 317) was slower grouped (11.5 against 10.8 ms), so rows up to the
+# widest measured are grouped. Where the joined copies are small (the 7B shape at 32 rows, SmolLM2 at 256) the
+# grouped path's extra kernels cost more than the copies (2.2-2.7 ms against 0.8-1.0 ms). Without gradients
+# (scoring) grouping did not pay on the whole: on two hosts the 7B shape scored the 500 fine test questions in
+# 1.90-1.96 s grouped against 1.52-1.58 s joined, the coarse ones in 0.49-0.53 s against 0.51-0.57 s
+# (BENCHMARKS.md sessions 9 and 10).
+GROUPED_MAX_WIDTH = 64
 GROUPED_MIN_JOINED = 2**27  # elements of one layer's joined keys and values: 344M for the 7B shape at 256 rows
 
 
