@@ -49,6 +49,19 @@ def test_missing_resume_path_stops_before_anything_is_loaded(tmp_path, capsys, n
     assert not out.exists()  # no config.yaml
 
 
+def test_an_adapter_folder_given_as_the_model_stops_before_anything_is_loaded(tmp_path, capsys, nothing_expensive):
+    """Transformers would fail on it later, with a message about tokenizer backends."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    rc, err = run_train(capsys, [f"output_dir={tmp_path / 'run'}", f"model.name={adapter}"])
+    assert rc == 2
+    assert err == [f"error: model.name={adapter} is a folder without a config.json, not a saved model: it holds a LoRA "
+                   f"adapter: pass it as adapter={adapter} and its base model as model.name"]
+    rc, err = run_train(capsys, [f"output_dir={tmp_path / 'run'}", f"model.name={tmp_path}"])
+    assert rc == 2 and err[0].endswith("give a folder written by save_pretrained, a hub id, or a built-in model")
+
+
 @pytest.mark.parametrize("where", [pytest.param("/proc/trec-accel/run", marks=pytest.mark.skipif(
     not Path("/proc/self").exists(), reason="needs /proc")), "file/run"])
 def test_output_dir_that_cannot_be_created_stops_before_anything_is_loaded(tmp_path, capsys, nothing_expensive, where):

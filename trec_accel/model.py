@@ -76,6 +76,7 @@ def model_path(cfg: Config, accelerator) -> str:
     ZeRO-3's partitioned initialisation off (its builder loads whole state dicts); Transformers' own ZeRO-3
     switch is turned off and back on, since accelerate's `zero3_init_context_manager(enable=False)` leaves it on."""
     from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+    check_model_folder(cfg.model.name)
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None or not is_deepspeed_zero3_enabled():
         return resolve_model_path(cfg.model.name)
@@ -84,6 +85,17 @@ def model_path(cfg: Config, accelerator) -> str:
         return resolve_model_path(cfg.model.name)
     finally:
         plugin.set_deepspeed_weakref()
+
+
+def check_model_folder(name: str) -> None:
+    """A local folder given as `model.name` holds a saved model (its config.json); a common slip is an adapter's
+    folder, which Transformers would fail on with a message about tokenizer backends."""
+    folder = Path(name)
+    if offline_name(name) is None and folder.is_dir() and not (folder / "config.json").is_file():
+        hint = ("it holds a LoRA adapter: pass it as adapter=" + name + " and its base model as model.name"
+                if (folder / "adapter_config.json").is_file() else
+                "give a folder written by save_pretrained, a hub id, or a built-in model")
+        raise ModelLoadError(f"model.name={name} is a folder without a config.json, not a saved model: {hint}")
 
 
 def load_base(cfg: Config, runtime: Runtime):

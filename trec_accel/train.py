@@ -34,6 +34,7 @@ from .model import (
     ADAPTER_META,
     adapter_meta,
     add_lora,
+    check_model_folder,
     context_length,
     fsdp_lora_state_dict,
     load_base,
@@ -208,9 +209,10 @@ class TrainRecipe:
     def setup(self) -> bool:
         """Everything before the first step; False when a stop signal came first."""
         cfg = self.cfg
-        # Before anything is loaded or written: a wrong resume path or output folder shows in a second.
+        # Before anything is loaded or written: a wrong resume path, output folder or model folder shows in a second.
         self.resume_from = checkpoint.find_resume(cfg.resume, self.out / "checkpoints")
         check_output_dir(self.out)
+        check_model_folder(cfg.model.name)
         # The trainer state this session starts from, as recorded (run totals included).
         self.start = checkpoint.load_trainer_state(self.resume_from) if self.resume_from is not None else \
             asdict(TrainState())
