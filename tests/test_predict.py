@@ -107,6 +107,20 @@ def test_missing_adapter(tmp_path):
                    "adapter folder not found")
 
 
+@pytest.mark.parametrize("config, error", [("{}", "names no peft_type: not an adapter saved by peft"),
+                                           ('{"peft_type": "LORA",', "is not a JSON object"),
+                                           ("[]", "is not a JSON object")])
+def test_damaged_adapter_config(adapter, tmp_path, config, error):
+    """peft's own errors for these are a bare KeyError ('peft_type') or a JSON traceback."""
+    from trec_accel.config import load_config
+    from trec_accel.model import ModelLoadError, check_adapter
+    broken = tmp_path / "adapter"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text(config)
+    with pytest.raises(ModelLoadError, match=error):
+        check_adapter(str(broken), load_config(CONFIG))
+
+
 def test_adapter_task_mismatch(adapter):
     one_error_line(run_script("predict.py", f"adapter={adapter}", "data.task=fine", "Who wrote Hamlet ?"),
                    "coarse task, not fine")

@@ -256,8 +256,17 @@ def adapter_config(overrides) -> Path | None:
 def check_adapter(adapter: str, cfg: Config) -> dict:
     """The adapter's recorded metadata, its base model and task checked against this run's config."""
     folder = adapter_folder(adapter)
-    if not (folder / "adapter_config.json").is_file():
+    config = folder / "adapter_config.json"
+    if not config.is_file():
         raise ModelLoadError(f"{folder} is not a PEFT adapter folder (no adapter_config.json)")
+    try:
+        fields = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{config} is not a JSON object ({e}): the adapter folder is damaged") from None
+    if not isinstance(fields, dict):
+        raise ModelLoadError(f"{config} is not a JSON object: the adapter folder is damaged")
+    if "peft_type" not in fields:
+        raise ModelLoadError(f"{config} names no peft_type: not an adapter saved by peft")
     meta_path = folder / ADAPTER_META
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     built = meta.get("offline_model", {}).get("build_version", BUILD_VERSION)
