@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from trec_accel import cli
 from trec_accel.batching import Encoder, collate
 from trec_accel.config import load_config
 from trec_accel.data import load_data
@@ -77,4 +78,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.main(main))

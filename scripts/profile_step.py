@@ -7,11 +7,13 @@ test split; wall times, peak memory, and the kernels that take the time.
     python scripts/profile_step.py --eval --config configs/mistral7b_coarse.yaml model.name=mistral-7b-random
 """
 import argparse
+import sys
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from trec_accel import cli
 from trec_accel.batching import Encoder, collate, epoch_order
 from trec_accel.config import load_config
 from trec_accel.data import load_data
@@ -106,4 +108,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.main(main))

@@ -47,3 +47,9 @@ def test_the_gpu_only_scripts_say_so_in_one_line_on_a_cpu(script, args, says):
     r = launch(script, args, timeout=120)
     assert (r.returncode, r.stderr.strip().splitlines()[-1]) == (2, says), r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_profile_step_ends_bad_input_in_one_line(tmp_path):
+    r = launch("profile_step.py", ["--config", str(tmp_path / "missing.yaml")], timeout=120)
+    assert (r.returncode, r.stderr.strip().splitlines()[-1]) == (2, f"error: config file not found: "
+                                                                 f"{tmp_path / 'missing.yaml'}"), r.stderr[-2000:]

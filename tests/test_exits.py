@@ -40,6 +40,17 @@ def nothing_expensive(monkeypatch):
     monkeypatch.setattr(train_module, "load_base", expensive)
 
 
+def test_a_script_body_gives_its_exit_code_or_one_error_line(capsys):
+    from trec_accel.config import ConfigError
+
+    def bad_input():
+        raise ConfigError("train.lr: expected float, got 'abc'")
+    assert [cli.main(lambda: 1), cli.main(lambda: {"steps": 3}), cli.main(lambda: None)] == [1, 0, 0]
+    capsys.readouterr()
+    assert cli.main(bad_input) == 2
+    assert capsys.readouterr().err == "error: train.lr: expected float, got 'abc'\n"
+
+
 def test_missing_resume_path_stops_before_anything_is_loaded(tmp_path, capsys, nothing_expensive):
     out, missing = tmp_path / "run", tmp_path / "run" / "checkpoints" / "step-7"
     rc, err = run_train(capsys, [f"output_dir={out}", f"resume={missing}"])

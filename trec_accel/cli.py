@@ -42,12 +42,13 @@ def expected_errors() -> tuple[type[Exception], ...]:
 
 
 def main(body: Callable[[], object]) -> int:
-    """Run a script body; a known bad input ends it with `error: ...` and exit code 2."""
+    """Run a script body; a known bad input ends it with `error: ...` and exit code 2. The exit code is the body's
+    where it returns one (an int), else 0."""
     try:
-        body()
+        result = body()
     except expected_errors() as e:
         # One write of the whole line: processes of one launch that fail together do not interleave their lines.
         sys.stderr.write(f"error: {e}\n")
         sys.stderr.flush()
         return 2
-    return 0
+    return result if type(result) is int else 0
