@@ -2,7 +2,8 @@
 
 bitsandbytes' 4-bit product dequantizes its weight in the forward pass and again in the backward pass; with
 activation checkpointing the forward pass runs twice, so every weight was dequantized three times a step (6.5% of a
-7B step's GPU time, BENCHMARKS.md session 11). Inside a checkpointed layer `base_output` saves the dequantized
+7B step's GPU time, BENCHMARKS.md session 11). Inside a checkpointed layer `base_output` (called by the fused
+LoRA groups, `lora_groups`: one process or DDP; FSDP and ZeRO-3 run peft's layers) saves the dequantized
 weight for the backward pass instead: checkpointing drops what the first forward pass saves and keeps what the
 recomputation saves only until that layer's backward, so this holds one layer's weights at a time (0.4 GiB at 7B).
 Elsewhere (the prefix pass, a model without checkpointing) it would hold every layer's, so bitsandbytes' product
