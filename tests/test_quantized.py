@@ -112,3 +112,27 @@ def test_a_checkpointed_4bit_model_trains_as_without_checkpointing(tiny_model_pa
     for name, g in plain.items():
         assert g.abs().max() > 0, name
         torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_the_prefix_pass_keeps_bitsandbytes_product(tiny_model_path, tokenizer, monkeypatch):
+    """The shared instruction's pass is not checkpointed: a weight saved there would be held for every layer until
+    the backward pass. With the prefix, the checkpointed model still trains as the plain one."""
+    from trec_accel import quantized
+    enc = Encoder(tokenizer, COARSE, "notebook")
+    batch = collate([enc.encode(q, i) for i, q in enumerate(["Who wrote Hamlet ?", "What is a sonnet ?"])],
+                    tokenizer.pad_token_id, enc.prefix_ids)
+    writing = []
+    apply = quantized._DequantizedOnce.apply
+    monkeypatch.setattr(quantized._DequantizedOnce, "apply",
+                        lambda *a: writing.append(forward._writing_cache.get()) or apply(*a))
+    results = []
+    for checkpointed in (False, True):
+        model = tiny_4bit(tiny_model_path, checkpointed)
+        loss_sum, n = batch_loss(LabelLoss(model).train(), batch)
+        (loss_sum / n).backward()
+        results.append((loss_sum.item(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad}))
+    assert writing and not any(writing)   # used for the rows' layers, never while the prefix writes its cache
+    (plain_loss, plain), (loss, grads) = results
+    assert loss == pytest.approx(plain_loss, rel=1e-6)
+    for name, g in plain.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=name)
