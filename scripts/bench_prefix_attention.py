@@ -13,6 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from trec_accel import cli
 from trec_accel.forward import grouped_prefix_attention, joined
 
 
@@ -49,9 +50,7 @@ def main():
     p.add_argument("--shapes", nargs="+", default=["256x16", "256x24", "256x32", "256x40", "256x48", "32x16"],
                    help="rows x width")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("error: bench_prefix_attention.py times CUDA kernels and needs a CUDA GPU", file=sys.stderr)
-        return 2
+    cli.require_cuda("bench_prefix_attention.py times CUDA kernels and needs a CUDA GPU")
     torch.backends.cuda.enable_cudnn_sdp(False)  # as model.cudnn_attention=false
     h, h_kv, d, n_prefix = args.heads, args.kv_heads, args.head_dim, args.prefix
     print("| rows x width | joined ms | grouped ms | joined error | grouped error |\n| --- | --- | --- | --- | --- |")
@@ -72,4 +71,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.main(main))

@@ -29,9 +29,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("error: CUDA graphs need a CUDA GPU", file=sys.stderr)
-        return 2
+    cli.require_cuda("CUDA graphs need a CUDA GPU")
     cfg = load_config(args.config, [*args.overrides, "lora.dropout=0"])
     runtime = start(cfg)  # bf16 autocast where the model's dtype is bf16, as in training
     acc = runtime.accelerator

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .batching import IGNORE, Encoder
+from .cli import require_cuda
 from .config import PROJECTIONS, load_config
 from .data import load_data
 from .memory import GIB
@@ -365,9 +366,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("error: the benchmark needs a CUDA GPU", file=sys.stderr)
-        return 2
+    require_cuda("the benchmark needs a CUDA GPU")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = {"gpu": torch.cuda.get_device_name(), "model": args.model, "args": vars(args)}

@@ -6,6 +6,7 @@ import sys
 from typing import Callable
 
 from .config import ConfigError, load_config, reference_markdown
+from .launcher import LaunchError
 
 
 def parse(argv: list[str] | None, description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None):
@@ -27,12 +28,19 @@ def parse(argv: list[str] | None, description: str, extra: Callable[[argparse.Ar
     return args, load_config(args.config, args.overrides)
 
 
+def require_cuda(message: str) -> None:
+    """A script that times or captures CUDA kernels, on a machine without CUDA: `message` as its one error line (exit
+    code 2 under `main`)."""
+    import torch
+    if not torch.cuda.is_available():
+        raise LaunchError(message)
+
+
 def expected_errors() -> tuple[type[Exception], ...]:
     from .batching import PromptTokenError
     from .checkpoint import CheckpointError
     from .data import DataError
     from .evaluate import EvalError
-    from .launcher import LaunchError
     from .memory import OutOfMemory
     from .model import ModelLoadError
     from .offline_models import OfflineModelError
