@@ -27,12 +27,13 @@ _writing_cache = contextvars.ContextVar("trec_accel_writing_cache", default=Fals
 
 
 @contextlib.contextmanager
-def _cache_writing():
-    token = _writing_cache.set(True)
+def _flagged(flag: contextvars.ContextVar):
+    """`flag` True for the duration (and restored after, however the block ends)."""
+    token = flag.set(True)
     try:
         yield
     finally:
-        _writing_cache.reset(token)
+        flag.reset(token)
 
 
 # True while a checkpointed layer runs its forward pass (the first time or recomputing): what is saved for the
@@ -46,11 +47,8 @@ def in_checkpointed_layer() -> bool:
 
 
 def _marked_checkpointed(forward, *args, **kwargs):
-    token = _checkpointed.set(True)
-    try:
+    with _flagged(_checkpointed):
         return forward(*args, **kwargs)
-    finally:
-        _checkpointed.reset(token)
 
 
 def parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -94,7 +92,7 @@ class SharedPrefix:
         # A cache of plain layers, not the one the model would make from its config: a sliding-window layer
         # copies a CPU tensor to the GPU when it starts, which a CUDA graph cannot capture, and the prefix is
         # far shorter than any window.
-        with _cache_writing():
+        with _flagged(_writing_cache):
             _, self.cache = run_decoder(decoder, DynamicCache(), input_ids=prefix_ids, use_cache=True)
         layers = self.cache.layers
         self.states = [(layer.keys, layer.values) for layer in layers]
