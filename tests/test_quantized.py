@@ -91,19 +91,27 @@ def tiny_4bit(tiny_model_path, checkpointed: bool):
     return model
 
 
-def test_a_checkpointed_4bit_model_trains_as_without_checkpointing(tiny_model_path, tokenizer, dequantized):
+def two_questions(tokenizer, shared: bool):
     enc = Encoder(tokenizer, COARSE, "notebook")
-    batch = collate([enc.encode(q, i) for i, q in enumerate(["Who wrote Hamlet ?", "What is a sonnet ?"])],
-                    tokenizer.pad_token_id)
-    results = []
-    for checkpointed in (False, True):
-        model = tiny_4bit(tiny_model_path, checkpointed)
-        dequantized.clear()
-        loss_sum, n = batch_loss(LabelLoss(model).train(), batch)
-        (loss_sum / n).backward()
-        results.append((loss_sum.item(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad},
-                        len(dequantized)))
-    (plain_loss, plain, _), (loss, grads, calls) = results
+    return collate([enc.encode(q, i) for i, q in enumerate(["Who wrote Hamlet ?", "What is a sonnet ?"])],
+                   tokenizer.pad_token_id, enc.prefix_ids if shared else None)
+
+
+def trained(tiny_model_path, batch, checkpointed: bool, calls: list | None = None):
+    """(loss, LoRA gradients, dequantizations in `calls` during the step) of one step of `tiny_4bit`."""
+    calls = [] if calls is None else calls
+    model = tiny_4bit(tiny_model_path, checkpointed)
+    start = len(calls)
+    loss_sum, n = batch_loss(LabelLoss(model).train(), batch)
+    (loss_sum / n).backward()
+    grads = {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+    return loss_sum.item(), grads, len(calls) - start
+
+
+def test_a_checkpointed_4bit_model_trains_as_without_checkpointing(tiny_model_path, tokenizer, dequantized):
+    batch = two_questions(tokenizer, shared=False)
+    plain_loss, plain, _ = trained(tiny_model_path, batch, False, dequantized)
+    loss, grads, calls = trained(tiny_model_path, batch, True, dequantized)
     # 7 projections x 2 layers dequantized forward and recomputing only, but the first layer's q/k/v: their input,
     # the embeddings, needs no gradient, so bitsandbytes' product runs there (and needs no backward).
     assert calls == 2 * (7 * 2 - 3)
@@ -118,21 +126,14 @@ def test_the_prefix_pass_keeps_bitsandbytes_product(tiny_model_path, tokenizer, 
     """The shared instruction's pass is not checkpointed: a weight saved there would be held for every layer until
     the backward pass. With the prefix, the checkpointed model still trains as the plain one."""
     from trec_accel import quantized
-    enc = Encoder(tokenizer, COARSE, "notebook")
-    batch = collate([enc.encode(q, i) for i, q in enumerate(["Who wrote Hamlet ?", "What is a sonnet ?"])],
-                    tokenizer.pad_token_id, enc.prefix_ids)
+    batch = two_questions(tokenizer, shared=True)
     writing = []
     apply = quantized._DequantizedOnce.apply
     monkeypatch.setattr(quantized._DequantizedOnce, "apply",
                         lambda *a: writing.append(forward._writing_cache.get()) or apply(*a))
-    results = []
-    for checkpointed in (False, True):
-        model = tiny_4bit(tiny_model_path, checkpointed)
-        loss_sum, n = batch_loss(LabelLoss(model).train(), batch)
-        (loss_sum / n).backward()
-        results.append((loss_sum.item(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad}))
+    plain_loss, plain, _ = trained(tiny_model_path, batch, False)
+    loss, grads, _ = trained(tiny_model_path, batch, True)
     assert writing and not any(writing)   # used for the rows' layers, never while the prefix writes its cache
-    (plain_loss, plain), (loss, grads) = results
     assert loss == pytest.approx(plain_loss, rel=1e-6)
     for name, g in plain.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=name)
