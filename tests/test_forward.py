@@ -257,3 +257,26 @@ def test_grouped_prefix_attention_is_sdpa_over_the_joined_sequence(heads, kv_hea
     grad = torch.randn_like(want)
     for a, b_ in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(want, inputs, grad)):
         torch.testing.assert_close(a, b_)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (6, 1), (9, 3)])
+def test_folded_heads_are_sdpa_with_each_key_value_head_repeated(heads, kv_heads):
+    """Output and the gradients of queries, keys and values equal SDPA's over the key/value heads repeated for their
+    query heads, under an arbitrary mask, broadcast over the batch or not."""
+    from trec_accel.forward import folded_heads_sdpa
+    torch.manual_seed(0)
+    b, s, k, d = 3, 5, 9, 8
+    inputs = [torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in
+              [(b, heads, s, d), (b, kv_heads, k, d), (b, kv_heads, k, d)]]
+    for rows in (b, 1):
+        allow = torch.rand(rows, 1, s, k) < 0.6
+        allow[..., 0] = True  # no row without a key
+
+        repeated = [x.repeat_interleave(heads // kv_heads, 1) for x in inputs[1:]]
+        want = torch.nn.functional.scaled_dot_product_attention(inputs[0], *repeated, attn_mask=allow,
+                                                                scale=0.3).transpose(1, 2)
+        got = folded_heads_sdpa(*inputs, allow, 0.0, 0.3)
+        torch.testing.assert_close(got, want)
+        grad = torch.randn_like(want)
+        for a, b_ in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(want, inputs, grad)):
+            torch.testing.assert_close(a, b_)

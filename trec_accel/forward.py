@@ -178,7 +178,28 @@ def prefix_attention(module, query, key, value, attention_mask, dropout: float =
             return grouped_prefix_attention(query, key, value, prefix_keys, prefix_values, attention_mask,
                                             d ** -0.5 if scaling is None else scaling, dropout), None
         key, value = joined(prefix_keys, prefix_values, key, value)
+    if attention_mask is not None and attention_mask.dtype == torch.bool and key.shape[1] < query.shape[1]:
+        return folded_heads_sdpa(query, key, value, attention_mask, dropout, scaling), None
     return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def folded_heads_sdpa(query, key, value, allow, dropout: float, scaling: float | None):
+    """PyTorch's SDPA of (B, H, S, D) queries against (B, H_kv, K, D) keys and values under the (B, 1, S, K)
+    boolean `allow`, the H / H_kv query heads that share a key/value head run as the rows of one head; returns
+    (B, S, H, D) as Transformers' SDPA does.
+
+    Under a mask Transformers' SDPA repeats every key/value head for each of its query heads (PyTorch's fused
+    kernels take grouped heads only without a mask): 4 copies of every row's keys and values in each layer for the
+    7B shape, the joined prefix included. Here only the mask is repeated, one boolean per query and key.
+    """
+    b, h, s, d = query.shape
+    h_kv, k = key.shape[1], key.shape[2]
+    g = h // h_kv
+    mask = allow.expand(b, 1, s, k)[:, :, None].expand(b, 1, g, s, k).reshape(b, 1, g * s, k)
+    out = F.scaled_dot_product_attention(query.reshape(b, h_kv, g * s, d), key, value, attn_mask=mask,
+                                         dropout_p=dropout, scale=scaling)
+    # reshape: the memory-efficient kernel may return its rows strided, which a view cannot regroup
+    return out.reshape(b, h, s, d).transpose(1, 2).contiguous()
 
 
 def grouped_prefix_attention(query, key, value, prefix_keys, prefix_values, allow, scaling: float, dropout: float):
