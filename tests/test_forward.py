@@ -271,7 +271,6 @@ def test_folded_heads_are_sdpa_with_each_key_value_head_repeated(heads, kv_heads
     for rows in (b, 1):
         allow = torch.rand(rows, 1, s, k) < 0.6
         allow[..., 0] = True  # no row without a key
-
         repeated = [x.repeat_interleave(heads // kv_heads, 1) for x in inputs[1:]]
         want = torch.nn.functional.scaled_dot_product_attention(inputs[0], *repeated, attn_mask=allow,
                                                                 scale=0.3).transpose(1, 2)
