@@ -170,7 +170,8 @@ def prefix_attention(module, query, key, value, attention_mask, dropout: float =
                      shared_prefix: SharedPrefix | None = None, *, mode: str, sdpa, **kwargs):
     """`sdpa` (Transformers' SDPA attention), attending first to `shared_prefix` where one is given (keys and values
     of the prefix not in `key` / `value`): by `grouped_prefix_attention` where `groups_prefix` says so, else joined
-    to every row."""
+    to every row. Under a boolean mask with fewer key/value heads than query heads, `folded_heads_sdpa` instead of
+    Transformers' SDPA, which would copy the keys and values for each query head."""
     if shared_prefix is not None:
         prefix_keys, prefix_values = shared_prefix.states[module.layer_idx]
         b, h, s, d = query.shape
