@@ -91,6 +91,33 @@ def test_shared_prefix_matches_full_sequences(lora_model, checkpointed_model, to
         torch.testing.assert_close(shared[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_unchecked_layers_run_once_and_give_the_same_gradients(tiny_model_path, lora_model, tokenizer):
+    """model.unchecked_layers=1: the last layer's forward runs once, the first's twice (recomputed in the
+    backward pass); loss and every LoRA gradient as without checkpointing. More layers than the model has: a
+    ConfigError naming the setting."""
+    from transformers import AutoModelForCausalLM
+
+    from trec_accel.config import ConfigError
+    overrides = ["lora.r=4", "lora.dropout=0.0", "model.name=tiny-random-mistral", "model.gradient_checkpointing=true"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    with pytest.raises(ConfigError, match="model.unchecked_layers=3 is more than the 2 decoder layers"):
+        prepare_for_training(model, load_config(None, [*overrides, "model.unchecked_layers=3"]))
+    cfg = load_config(None, [*overrides, "model.unchecked_layers=1"])
+    model = add_lora(prepare_for_training(model, cfg), cfg, sharded=False)
+    model.load_state_dict(lora_model.state_dict())
+    calls = [0, 0]
+    for i, layer in enumerate(model.get_base_model().model.layers):
+        layer.self_attn.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    enc = Encoder(tokenizer, COARSE, "notebook")
+    batch = collate([enc.encode(q, i % 6) for i, q in enumerate(QUESTIONS)], tokenizer.pad_token_id)
+    loss, got = grads(model, LabelLoss(model).train(), batch)
+    assert calls == [2, 1]
+    want_loss, want = grads(lora_model, LabelLoss(lora_model).train(), batch)
+    assert loss == pytest.approx(want_loss, rel=1e-5)
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
 # Tasks of one's own: labels of several words, two sharing their first word, non-ASCII; and a few hundred labels.
 TASKS = {**BUILTIN,
          "support": load_task({"labels": ["billing", "refund request", "account access", "account deletion",

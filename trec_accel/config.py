@@ -60,6 +60,11 @@ class ModelConfig:
                                "length-grouped training batches and evaluation batches keep changing shape; the other "
                                "kernels run as fast here.")
     gradient_checkpointing: bool = _f(False, "Non-reentrant activation checkpointing: less memory, ~30% more compute.")
+    unchecked_layers: int = _f(0, "With gradient_checkpointing: the last N decoder layers run without it. Each skips "
+                               "its recomputation and holds its activations until its backward pass instead: for the "
+                               "7B shape at batch 256, about 1.2-1.7 GiB more per layer and +3-7% sequences/s at 3-4 "
+                               "layers on coarse (within a 16 GiB peak at 3), +2-3% on fine (BENCHMARKS.md, session "
+                               "14).")
     liger_kernels: bool = _f(False, "Patch RMSNorm/RoPE/SwiGLU with Liger Triton kernels (CUDA; from the checkout: "
                              "`pip install -e '.[liger]'`): less elementwise traffic and ~1 GiB less peak memory on "
                              "the 7B recipe. Triton compiles them once per machine (about 4 s of a fresh host's "
@@ -353,6 +358,7 @@ def validate(cfg: Config) -> None:
         (e.max_examples >= 0, "eval.max_examples must be >= 0"),
         (bool(cfg.output_dir), "output_dir must not be empty"),
         (bool(cfg.model.name), "model.name must not be empty"),
+        (cfg.model.unchecked_layers >= 0, "model.unchecked_layers must be >= 0"),
         (cfg.model.prefix_attention == "auto" or cfg.model.attn_implementation == "sdpa",
          f"model.prefix_attention={cfg.model.prefix_attention} needs model.attn_implementation=sdpa (got "
          f"{cfg.model.attn_implementation}, whose attention reads the shared instruction from the cache)"),

@@ -321,17 +321,21 @@ def label_logits(lm_head: nn.Module, hidden: torch.Tensor, positions: torch.Tens
     return lm_head(hidden.gather(1, index)).float()
 
 
-def checkpoint_layers(model: nn.Module) -> None:
-    """Non-reentrant activation checkpointing of every decoder layer.
+def checkpoint_layers(model: nn.Module, unchecked: int = 0) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer but the last `unchecked`.
 
     Our own rather than Transformers' `gradient_checkpointing_enable`, which drops the key/value cache
     inside checkpointed layers. The prefix cache is read-only, so the recomputation in the backward pass
     sees exactly what the forward pass saw (dropout masks too: the RNG state is replayed). The prefix
     pass itself writes its cache, so it is not checkpointed (`SharedPrefix` marks it; the layers' keyword
     for the cache changed name in Transformers 5.24, so it is not looked for); at batch 1 it holds little.
+
+    The layers left out are the last ones: their backward passes run first, so their activations are freed
+    before any checkpointed layer recomputes its own.
     """
     decoder, _ = parts(model)
-    for layer in decoder.layers:
+    layers = list(decoder.layers)
+    for layer in layers[:len(layers) - unchecked]:
         def forward(*args, _forward=layer.forward, **kwargs):
             if not torch.is_grad_enabled() or _writing_cache.get():
                 return _forward(*args, **kwargs)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .config import Config, ConfigError
-from .forward import checkpoint_layers, register_prefix_attention
+from .forward import checkpoint_layers, parts, register_prefix_attention
 from .liger import apply_liger
 from .lora_groups import decide_fused_lora, fuse_lora
 from .memory import GIB, out_of_memory
@@ -144,7 +144,11 @@ def prepare_for_training(model, cfg: Config):
     (BENCHMARKS.md). The frozen base stays in the compute dtype; LoRA weights are fp32 under autocast.
     """
     if cfg.model.gradient_checkpointing:
-        checkpoint_layers(model)
+        n = len(parts(model)[0].layers)
+        if cfg.model.unchecked_layers > n:
+            raise ConfigError(f"model.unchecked_layers={cfg.model.unchecked_layers} is more than the {n} decoder "
+                              f"layers of {cfg.model.name}")
+        checkpoint_layers(model, cfg.model.unchecked_layers)
     return model
 
 
