@@ -1,4 +1,5 @@
 """The loading plan follows the active backend, and impossible combinations are refused before loading."""
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -172,6 +173,104 @@ def lora_adapter(tiny_model_path, tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("adapter")
     model.save_pretrained(str(folder))
     return str(folder)
+
+
+def saved_adapter(tiny_model_path, folder, overrides=(), tied=False, **config) -> str:
+    """A PEFT adapter of the tiny model (LoraConfig fields `config` beyond `overrides`), every LoRA B non-zero."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    if tied:
+        base.get_output_embeddings().weight = base.get_input_embeddings().weight
+        base.config.tie_word_embeddings = True
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "down_proj", "lm_head"],
+                                            **config))
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            if "lora_B" in name:
+                w.normal_(0, 0.05)
+    # Only LoRA's weights, as trec-accel writes adapters (`write_adapter`): peft would add the output head's own.
+    model.save_pretrained(str(folder), save_embedding_layers=False)
+    return str(folder)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_plain_adapter_is_merged_as_peft_merges_it(tiny_model_path, tmp_path, tied, dtype):
+    """`lora_merge` gives the weights peft's merge gives, to the bit, a tied output head included (the embeddings
+    stay the base's)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trec_accel.lora_merge import merge_plain_lora, plain_scale
+    from trec_accel.model import merge_adapter
+    folder = Path(saved_adapter(tiny_model_path, tmp_path, tied=tied))
+
+    def base():
+        m = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=dtype)
+        if tied:
+            m.get_output_embeddings().weight = m.get_input_embeddings().weight
+            m.config.tie_word_embeddings = True
+        return m
+    ours = base()
+    embeddings = ours.get_input_embeddings().weight.detach().clone()
+    assert plain_scale(folder) == 4.0
+    assert merge_plain_lora(ours, folder, 4.0)
+    theirs = merge_adapter(PeftModel.from_pretrained(base(), str(folder)))
+    want = dict(theirs.named_parameters())
+    assert sorted(dict(ours.named_parameters())) == sorted(want)
+    for name, w in ours.named_parameters():
+        assert torch.equal(w, want[name]), name
+    assert torch.equal(ours.get_input_embeddings().weight, embeddings)
+    assert not torch.equal(ours.get_output_embeddings().weight, embeddings)
+
+
+@pytest.mark.parametrize("config", [{"use_rslora": True}, {"use_dora": True}, {"rank_pattern": {"q_proj": 2}},
+                                    {"modules_to_save": ["embed_tokens"]}, {"init_lora_weights": "pissa"}])
+def test_adapters_beyond_plain_lora_are_left_to_peft(tiny_model_path, tmp_path, config):
+    from trec_accel.lora_merge import plain_scale
+    assert plain_scale(Path(saved_adapter(tiny_model_path, tmp_path, **config))) is None
+
+
+def test_weights_that_fit_no_linear_layer_leave_the_model_unchanged(tiny_model_path, tmp_path):
+    """A weight of the adapter file that is not a LoRA A or B of a linear layer of this model, or of another shape:
+    merge_plain_lora says False before it changes anything (peft's path then reports it)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from trec_accel.lora_merge import merge_plain_lora
+    folder = Path(saved_adapter(tiny_model_path, tmp_path))
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    for changed in ({"base_model.model.model.embed_tokens.lora_A.weight": weights[a].clone()},
+                    {a: torch.zeros(4, weights[a].shape[1] + 1)}):
+        save_file({**weights, **changed}, str(folder / "adapter_model.safetensors"))
+        assert not merge_plain_lora(model, folder, 4.0)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_evaluation_of_an_unquantized_base_does_not_import_peft(tiny_model_path, tmp_path):
+    """peft imports bitsandbytes (3 s of a start); a plain adapter is merged without it, with the scores of peft's."""
+    import subprocess
+    import sys
+    folder = saved_adapter(tiny_model_path, tmp_path)
+    code = (f"import sys, torch; from accelerate import Accelerator; from trec_accel.config import load_config; "
+            f"from trec_accel.model import load_for_inference; from trec_accel.runtime import Runtime; "
+            f"m, _ = load_for_inference(load_config(None, ['model.name={tiny_model_path}']), "
+            f"Runtime.of(Accelerator(cpu=True), 'auto'), {folder!r}); "
+            f"print(sorted(k for k in sys.modules if k.split('.')[0] in ('peft', 'bitsandbytes'))); "
+            f"print(m(torch.tensor([[1, 5, 9, 13, 200]])).logits.sum().item())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]"
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    with torch.no_grad():
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path), folder)
+        want = peft_model.eval()(torch.tensor([[1, 5, 9, 13, 200]])).logits.sum().item()
+    assert float(out[1]) == pytest.approx(want, rel=1e-5)
 
 
 def load_as_4bit(monkeypatch, tiny_model_path, tokenizer, setting: str, free: int, adapter: str, fail=False):

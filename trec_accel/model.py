@@ -13,6 +13,7 @@ from .config import Config, ConfigError
 from .forward import checkpoint_layers, parts, register_prefix_attention
 from .liger import apply_liger
 from .lora_groups import decide_fused_lora, fuse_lora
+from .lora_merge import merge_plain_lora, plain_scale, untie_from_embeddings
 from .memory import GIB, out_of_memory
 from .offline_models import BUILD_VERSION, auto_tokenizer, offline_name, portable_name, resolve_model_path
 from .runtime import Runtime
@@ -311,12 +312,7 @@ def merge_adapter(model):
     product per projection instead of three and the adapter's Python around them (BENCHMARKS.md). Only for
     unquantized or dequantized bases: 4-bit weights would have to be quantized again. An lm_head tied to the input
     embeddings gets weights of its own first, so that the embeddings stay the base model's."""
-    embeddings = model.get_input_embeddings().weight
-    for module in model.modules():
-        base = getattr(module, "base_layer", None)
-        if base is not None and getattr(base, "weight", None) is embeddings:
-            base.weight = nn.Parameter(embeddings.detach().clone(), requires_grad=False)
-            model.config.tie_word_embeddings = False
+    untie_from_embeddings(model, [m.base_layer for m in model.modules() if hasattr(m, "base_layer")])
     return model.merge_and_unload()
 
 
@@ -381,14 +377,19 @@ def dequantize_decision(model, cfg: Config, runtime: Runtime, dtype: torch.dtype
 
 def attach_adapter(model, cfg: Config, runtime: Runtime, plan: LoadPlan, adapter: str):
     """The base with the trained adapter: merged into its weights where they are unquantized or dequantized first
-    (`eval.dequantize`), else as LoRA layers, fused in groups where `lora.fused` allows."""
-    from peft import PeftModel
+    (`eval.dequantize`), else as LoRA layers, fused in groups where `lora.fused` allows. A plain LoRA adapter is
+    merged without importing peft (`lora_merge`)."""
     merge = not plan.quantize or dequantize_decision(model, cfg, runtime, plan.dtype).on
     if plan.quantize and merge:
         # transformers': plain linear layers in place of the 4-bit ones. Only `on` skips the check of free memory.
         with out_of_memory("dequantizing the 4-bit base", "eval.dequantize=off (the 4-bit base with LoRA layers) or "
                            "auto (which dequantizes only where the GPU has the room)"):
             model = model.dequantize(dtype=plan.dtype)
+    scale = plain_scale(Path(adapter)) if merge else None
+    if scale is not None and merge_plain_lora(model, Path(adapter), scale):
+        log.info("adapter %s merged into the base weights", adapter)
+        return model
+    from peft import PeftModel
     try:
         model = PeftModel.from_pretrained(model, adapter)
     except Exception as e:  # noqa: BLE001
