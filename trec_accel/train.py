@@ -53,8 +53,8 @@ from .throughput import ModelFlops, peak_flops
 log = logging.getLogger("trec_accel")
 
 TRAIN_MEMORY_SETTINGS = ("a smaller train.batch_size (a larger train.grad_accum keeps the global batch) or "
-                         "train.max_batch_tokens (the same batches, in more passes), "
-                         "model.gradient_checkpointing=true, or train.cuda_graphs=off")
+                         "train.max_batch_tokens (the same batches, in more passes), model.gradient_checkpointing=true "
+                         "(with fewer model.unchecked_layers), or train.cuda_graphs=off")
 
 
 def make_optimizer(t: TrainConfig, params, foreach: bool | None = None, fused: bool = False):
