@@ -58,8 +58,8 @@ def run(cfg) -> dict:
     t4 = time.perf_counter()
     if runtime.is_main:
         write_reports(metrics, rows, Path(cfg.output_dir), cfg.eval.method)
-        # Where the time went (Transformers and peft are imported on first use: in the model's phase); the rest of
-        # the process's wall time is Python's start and the package's imports (torch).
+        # Where the time went (Transformers, and peft where needed, are imported on first use: in the model's
+        # phase); the rest of the process's wall time is Python's start and the package's imports (torch).
         log.info("start-up: data %.2f s, accelerator %.2f s, model %.2f s; scoring %.2f s; reports %.2f s",
                  t1 - t0, t2 - t1, t3 - t2, t4 - t3, time.perf_counter() - t4)
     # Every process ends together and takes its process group down: one that exits while the others still hold
