@@ -70,6 +70,12 @@ def test_offline_model_is_built_outside_zero3_partitioned_init(monkeypatch):
         unset_hf_deepspeed_config()
 
 
+def tie_output_head(model) -> None:
+    """As SmolLM2 is: one matrix for the input embeddings and the output head."""
+    model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    model.config.tie_word_embeddings = True
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_merged_adapter_computes_what_the_adapter_does(tiny_model_path, tied):
     """Inference folds the adapter into unquantized weights: the same logits, no LoRA layers left, and an lm_head
@@ -79,9 +85,8 @@ def test_merged_adapter_computes_what_the_adapter_does(tiny_model_path, tied):
     from trec_accel.model import add_lora, merge_adapter
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
-    if tied:  # as SmolLM2 is: one matrix for the input embeddings and the output head
-        base.get_output_embeddings().weight = base.get_input_embeddings().weight
-        base.config.tie_word_embeddings = True
+    if tied:
+        tie_output_head(base)
     embeddings = base.get_input_embeddings().weight.detach().clone()
     model = add_lora(base, load_config(None, ["lora.r=4", "lora.dropout=0.0"]), sharded=False)
     with torch.no_grad():
@@ -182,8 +187,7 @@ def saved_adapter(tiny_model_path, folder, overrides=(), tied=False, **config) -
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
     if tied:
-        base.get_output_embeddings().weight = base.get_input_embeddings().weight
-        base.config.tie_word_embeddings = True
+        tie_output_head(base)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "down_proj", "lm_head"],
                                             **config))
     with torch.no_grad():
@@ -210,8 +214,7 @@ def test_a_plain_adapter_is_merged_as_peft_merges_it(tiny_model_path, tmp_path, 
     def base():
         m = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=dtype)
         if tied:
-            m.get_output_embeddings().weight = m.get_input_embeddings().weight
-            m.config.tie_word_embeddings = True
+            tie_output_head(m)
         return m
     ours = base()
     embeddings = ours.get_input_embeddings().weight.detach().clone()
