@@ -1,13 +1,22 @@
-"""Liger's RoPE runs on a batch folded into one row: the same result, and one kernel for every batch size."""
+"""Liger's RoPE runs on a batch folded into one row: the same result, and one kernel for every batch size; its
+kernels are compiled ahead while the weights load."""
+import logging
 import sys
+import threading
 import types
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.mistral import modeling_mistral
 
-from trec_accel.liger import apply_liger, rows_as_one_batch
+from trec_accel.liger import (
+    apply_liger,
+    quiet_optional_backends,
+    rms_norm_backward_rows,
+    rows_as_one_batch,
+    warm_up_kernels,
+)
 
 TRANSFORMERS_ROPE = modeling_mistral.apply_rotary_pos_emb
 
@@ -94,3 +103,89 @@ def test_keywords_of_ropes_that_take_more_reach_them():
         q, k = projected(b, 4, 2, 8, g), projected(b, 4, 1, 8, g)
         rows_as_one_batch(rope)(q, k, torch.ones(b, 4, 8), torch.zeros(b, 4, 8), rotary_dim=8)
     assert seen == [(1, {"rotary_dim": 8}), (1, {"rotary_dim": 8})]
+
+
+def specialisation(n: int) -> str:
+    """How Triton tells an integer argument apart when it compiles a kernel."""
+    return "1" if n == 1 else "16" if n % 16 == 0 else "other"
+
+
+@pytest.mark.parametrize("sm_count", [20, 108, 132])
+def test_the_warm_up_meets_every_specialisation_of_rms_norm_backward(sm_count):
+    """Every (rows, rows per multiprocessor) pair of specialisations a pass of more than one token can give."""
+    met = {(specialisation(n), specialisation(-(-n // sm_count))) for n in rms_norm_backward_rows(sm_count)}
+    assert met == {(rows, per_sm) for rows in ("16", "other") for per_sm in ("1", "16", "other")}
+
+
+class StandIns:
+    """Liger's three autograd functions stood in for by their arithmetic in plain torch, recording each call's
+    inputs and each backward pass."""
+
+    def __init__(self, stop_after=None, stop=None):
+        self.calls, self.backward, self.stop_after, self.stop = [], [], stop_after, stop
+
+    def _seen(self, name, out, **inputs):
+        self.calls.append((name, inputs))
+        out.register_hook(lambda g: self.backward.append(name))
+        if self.stop_after is not None and len(self.calls) >= self.stop_after:
+            self.stop.set()
+        return out
+
+    def rms_norm(self, x, w, eps, offset, casting_mode, in_place, row_mode):
+        y = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(x.dtype) * (w + offset)
+        return self._seen("rms_norm", y, x=x, w=w, eps=eps, offset=offset, casting_mode=casting_mode)
+
+    def silu_mul(self, a, b):
+        return self._seen("silu_mul", torch.nn.functional.silu(a) * b, a=a, b=b)
+
+    def rope(self, q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        q1, k1 = TRANSFORMERS_ROPE(q, k, cos, sin, unsqueeze_dim)
+        self._seen("rope", q1, q=q, k=k, cos=cos)
+        return q1, k1
+
+    def ops(self):
+        return self.rms_norm, self.silu_mul, self.rope
+
+
+def test_the_warm_up_runs_each_kernel_forward_and_backward_at_the_models_sizes(tiny_model_path):
+    config = AutoConfig.from_pretrained(tiny_model_path)
+    ops = StandIns()
+    cpu = torch.device("cpu")
+    passes = warm_up_kernels(config, torch.bfloat16, cpu, 20, ops.ops(), threading.Event())
+    assert passes == 4 + len(rms_norm_backward_rows(20))
+    assert ops.backward == [name for name, _ in ops.calls]  # each forward followed by its backward
+    norms = [i for name, i in ops.calls if name == "rms_norm"]
+    assert [i["x"].shape for i in norms] == [(n, config.hidden_size) for n in [16, *rms_norm_backward_rows(20)]]
+    for i in norms:  # Mistral's and Llama's patch: Llama's casting, no offset, the model's epsilon, a frozen weight
+        assert (i["eps"], i["offset"], i["casting_mode"]) == (config.rms_norm_eps, 0.0, "llama")
+        assert i["x"].dtype == i["w"].dtype == torch.bfloat16 and i["x"].requires_grad and not i["w"].requires_grad
+    (swiglu,) = [i for name, i in ops.calls if name == "silu_mul"]
+    assert swiglu["a"].shape[1:] == swiglu["b"].shape[1:] == (config.intermediate_size,)
+    ropes = [i for name, i in ops.calls if name == "rope"]
+    head_dim = config.hidden_size // config.num_attention_heads
+    # The batch folded into one row (rows_as_one_batch), at a length divisible by 16 and one that is not, laid
+    # out as the projections leave q and k: (1, H, S, D) views of (1, S, H, D) storage.
+    assert [i["q"].shape for i in ropes] == [(1, config.num_attention_heads, s, head_dim) for s in (18, 16)]
+    for i in ropes:
+        assert i["k"].shape[1] == config.num_key_value_heads and i["cos"].shape == (1, i["q"].shape[2], head_dim)
+        assert i["q"].transpose(1, 2).is_contiguous() and i["k"].transpose(1, 2).is_contiguous()
+
+
+def test_the_warm_up_stops_between_kernels_once_asked(tiny_model_path):
+    config = AutoConfig.from_pretrained(tiny_model_path)
+    stop = threading.Event()
+    ops = StandIns(stop_after=2, stop=stop)
+    assert warm_up_kernels(config, torch.float32, torch.device("cpu"), 20, ops.ops(), stop) == 2
+    stop.set()
+    assert warm_up_kernels(config, torch.float32, torch.device("cpu"), 20, StandIns().ops(), stop) == 0
+
+
+def test_liger_s_warnings_about_optional_backends_it_cannot_import_are_dropped(caplog):
+    """Every run on CUDA logged two such warnings (CuTe DSL, Ascend) at its first RoPE; other warnings still show."""
+    quiet_optional_backends()
+    registry = logging.getLogger("liger_kernel.backends.registry")
+    with caplog.at_level(logging.WARNING):
+        registry.warning("Backend impl '%s' for op '%s' could not be imported: %s: %s",
+                         "liger_kernel.ops.backends._cutedsl.rope", "rope", "ImportError", "no CuTe DSL")
+        registry.warning("a kernel failed")
+    assert [r.getMessage() for r in caplog.records] == ["a kernel failed"]

@@ -67,8 +67,8 @@ class ModelConfig:
                                "14).")
     liger_kernels: bool = _f(False, "Patch RMSNorm/RoPE/SwiGLU with Liger Triton kernels (CUDA; from the checkout: "
                              "`pip install -e '.[liger]'`): less elementwise traffic and ~1 GiB less peak memory on "
-                             "the 7B recipe. Triton compiles them once per machine (about 4 s of a fresh host's "
-                             "first 7B step) and keeps them in its cache (~/.triton).")
+                             "the 7B recipe. Triton compiles them once per machine and keeps them in its cache "
+                             "(~/.triton); for Llama and Mistral models, on a side thread while the weights load.")
 
 
 @dataclass

@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import Config, ConfigError
 from .forward import checkpoint_layers, parts, register_prefix_attention
-from .liger import apply_liger
+from .liger import WarmUp, apply_liger
 from .lora_groups import decide_fused_lora, fuse_lora
 from .lora_merge import merge_plain_lora, plain_scale, untie_from_embeddings
 from .memory import GIB, out_of_memory
@@ -117,18 +117,22 @@ def load_base(cfg: Config, runtime: Runtime):
     if plan.device_map is not None:
         kwargs["device_map"] = plan.device_map
     tokenizer = load_tokenizer(path)
+    liger = cfg.model.liger_kernels and runtime.device.type == "cuda"
+    warm_up = WarmUp(path, plan.dtype, runtime.device) if liger else None
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"could not load model '{cfg.model.name}' ({path}): {str(e).splitlines()[0]}") from None
+    finally:
+        if warm_up is not None:
+            warm_up.finish()
     model.config.use_cache = False
     if torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(cfg.model.cudnn_attention)
-    if cfg.model.liger_kernels:
-        if torch.cuda.is_available():
-            apply_liger(model)
-        else:  # Liger's kernels are Triton, CUDA only
-            log.info("model.liger_kernels=true needs CUDA: running without it")
+    if liger:
+        apply_liger(model)
+    elif cfg.model.liger_kernels:  # Liger's kernels are Triton, CUDA only
+        log.info("model.liger_kernels=true needs CUDA: running without it")
     return model, tokenizer, plan
 
 
