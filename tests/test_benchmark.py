@@ -36,6 +36,8 @@ def test_a_variant_given_twice_keeps_both_runs(monkeypatch, tmp_path):
     assert [round(results[k]["sequences_per_s"], 1) for k in ("coarse/c/256", "coarse/c/256 (run 2)")] == [194.6, 243.2]
     rows = [r.split(" | ")[1] for r in table(results).splitlines() if "(c)" in r and "without" not in r]
     assert rows == ["(c) trec-accel, batch 256", "(c) trec-accel, batch 256 (run 2)"]
+    steady = [r for r in table(results).splitlines() if "(c)" in r and "without" in r]
+    assert len(steady) == 2 and all("train.py 30.0 s" in r for r in steady)  # the whole process, loading included
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="they run on a GPU")
