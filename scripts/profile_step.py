@@ -85,7 +85,8 @@ def main():
     # The same per-run decisions as training, so the profile shows the step a run of this config takes.
     graphs = decide_cuda_graphs(cfg.train.cuda_graphs, acc.device, runtime.backend, runtime.precision,
                                 cfg.model.attn_implementation)
-    shared = decide_shared_prefix(cfg.train.shared_prefix, runtime.backend, args.batch, graphs.on, total, 0)
+    shared = decide_shared_prefix(cfg.train.shared_prefix, acc.device, runtime.backend, args.batch, graphs.on, total,
+                                  0)
     print(f"CUDA graphs: {graphs}; shared prefix: {shared}")
     step_fn = TrainStep(lm, acc, params, graphs.on)
     b, slots = args.batch, enc.longest_label

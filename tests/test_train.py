@@ -527,14 +527,15 @@ def test_step_decisions_fall_back_where_they_cannot_run():
                       (("off", cuda, "single", "bf16", "sdpa"), "train.cuda_graphs=off")]:
         d = decide_cuda_graphs(*args)
         assert not d.on and why in d.why, (args, d)
-    assert decide_shared_prefix("auto", "single", 32, True, small, 0).on
-    assert decide_shared_prefix("auto", "zero3", 8, False, large, 0).on
-    assert decide_shared_prefix("on", "single", 1, False, small, 0).on
-    for args, why in [(("auto", "single", 32, False, small, 0), "launches"),
-                      (("auto", "single", 1, True, small, 0), "nothing to share"),
-                      (("on", "fsdp", 8, False, large, 0), "FSDP"),
-                      (("on", "single", 8, True, small, 3), "3 prompts"),
-                      (("off", "single", 8, True, large, 0), "train.shared_prefix=off")]:
+    assert decide_shared_prefix("auto", cuda, "single", 32, True, small, 0).on
+    assert decide_shared_prefix("auto", cuda, "zero3", 8, False, large, 0).on
+    assert decide_shared_prefix("on", cuda, "single", 1, False, small, 0).on
+    assert "CPU" in decide_shared_prefix("auto", cpu, "ddp", 8, False, small, 0).why  # arithmetic-bound at any size
+    for args, why in [(("auto", cuda, "single", 32, False, small, 0), "launches"),
+                      (("auto", cpu, "single", 1, False, small, 0), "nothing to share"),
+                      (("on", cpu, "fsdp", 8, False, large, 0), "FSDP"),
+                      (("on", cuda, "single", 8, True, small, 3), "3 prompts"),
+                      (("off", cpu, "single", 8, True, large, 0), "train.shared_prefix=off")]:
         d = decide_shared_prefix(*args)
         assert not d.on and why in d.why, (args, d)
     # YAML's booleans still work for the switch.

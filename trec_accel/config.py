@@ -120,9 +120,10 @@ class TrainConfig:
                         ("adamw", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"))
     max_grad_norm: float = _f(0.3, "Gradient clipping norm (0 = off).")
     shared_prefix: str = _f("auto", "Run the instruction shared by every example once per micro-batch and reuse its "
-                            "key/value cache. auto: on with CUDA graphs or above 2B parameters and batches of 2 or "
-                            "more, off for an eager small model (a second pass doubles its launches; measured in "
-                            "BENCHMARKS.md). Falls back to full sequences (logged) where it cannot run.",
+                            "key/value cache. auto: for batches of 2 or more, on with CUDA graphs, above 2B "
+                            "parameters or on a CPU (3x faster for SmolLM2), off for an eager small model on a GPU "
+                            "(a second pass doubles its launches; measured in BENCHMARKS.md). Falls back to full "
+                            "sequences (logged) where it cannot run.",
                             ("auto", "on", "off"))
     cuda_graphs: str = _f("auto", "Replay each micro-batch's forward and backward from a CUDA graph captured once per "
                           "batch shape. auto: on for one CUDA process, at any model size (the 7B shape: +35% once "

@@ -59,13 +59,14 @@ def decide_cuda_graphs(mode: str, device: torch.device, backend: str, precision:
     return Decision(True, "train.cuda_graphs=on" if mode == "on" else "one process on CUDA")
 
 
-def decide_shared_prefix(mode: str, backend: str, batch_size: int, graphs: bool, n_parameters: int,
-                         unshared: int) -> Decision:
+def decide_shared_prefix(mode: str, device: torch.device, backend: str, batch_size: int, graphs: bool,
+                         n_parameters: int, unshared: int) -> Decision:
     """Whether the instruction runs once per micro-batch (`train.shared_prefix`: auto / on / off).
 
     It saves (batch - 1) x prefix tokens of every layer's work and costs a second, batch-1 pass through
-    the layers: worth it wherever the arithmetic is the cost. Measured (BENCHMARKS.md): off is faster for
-    an eager 135M model (two passes, twice the launches), on is faster with CUDA graphs and at 7B.
+    the layers: worth it wherever the arithmetic is the cost. Measured (BENCHMARKS.md): on a GPU, off is faster
+    for an eager 135M model (two passes, twice the launches), on is faster with CUDA graphs and at 7B; on a CPU,
+    where every kernel is arithmetic, on is 3x faster for SmolLM2 (its training steps and its validations).
     """
     if mode == "off":
         return Decision(False, "train.shared_prefix=off")
@@ -82,6 +83,8 @@ def decide_shared_prefix(mode: str, backend: str, batch_size: int, graphs: bool,
         return Decision(True, "train.shared_prefix=on")
     if batch_size < 2:
         return Decision(False, "a micro-batch of one sequence has nothing to share")
+    if device.type == "cpu":
+        return Decision(True, "a CPU's step is its arithmetic, at any model size")
     if graphs or n_parameters > COMPUTE_BOUND_PARAMETERS:
         return Decision(True, "CUDA graphs or a compute-bound model: the saved arithmetic is the cost")
     return Decision(False, "an eager step of a small model is bound by launches, which a second pass doubles")

@@ -271,7 +271,8 @@ class TrainRecipe:
         self.val_encoded = encode_all([e.text for e in self.val_examples], [e.label for e in self.val_examples])
         self.graphs = decide_cuda_graphs(t.cuda_graphs, runtime.device, runtime.backend, runtime.precision,
                                          cfg.model.attn_implementation)
-        self.shared = decide_shared_prefix(t.shared_prefix, runtime.backend, t.batch_size, self.graphs.on, self.total,
+        self.shared = decide_shared_prefix(t.shared_prefix, runtime.device, runtime.backend, t.batch_size,
+                                           self.graphs.on, self.total,
                                            sum(not self.encoder.shares_prefix(e) for e in self.encoded))
         self.prefix = self.encoder.prefix_ids if self.shared.on else None
         check_pass_cap(runtime.backend, t, self.encoded, len(self.prefix or ()))
