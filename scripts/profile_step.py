@@ -58,7 +58,7 @@ def main():
     cfg = load_config(args.config, args.overrides)
     runtime = start(cfg)  # the Accelerator and precision training would have
     acc = runtime.accelerator
-    base, tok, _ = load_base(cfg, runtime)
+    base, tok, _ = load_base(cfg, runtime, training=not args.eval)
     task = load_task(cfg.data.task)
     enc = Encoder(tok, task, cfg.data.template)
     splits = load_data(cfg.data, task)

@@ -189,3 +189,25 @@ def test_liger_s_warnings_about_optional_backends_it_cannot_import_are_dropped(c
                          "liger_kernel.ops.backends._cutedsl.rope", "rope", "ImportError", "no CuTe DSL")
         registry.warning("a kernel failed")
     assert [r.getMessage() for r in caplog.records] == ["a kernel failed"]
+
+
+@pytest.mark.parametrize("training, overrides, says", [
+    (True, ["model.liger_kernels=true"], "model.liger_kernels=true needs CUDA"),
+    (False, ["model.liger_kernels=true"], None),   # evaluation follows eval.liger_kernels, off by default
+    (False, ["eval.liger_kernels=true"], "eval.liger_kernels=true needs CUDA"),
+    (True, ["eval.liger_kernels=true"], None),
+])
+def test_training_follows_model_liger_kernels_and_evaluation_eval_liger_kernels(tiny_model_path, caplog, training,
+                                                                                 overrides, says):
+    """On this CPU machine neither applies Liger; the log says which setting asked for it."""
+    from accelerate import Accelerator
+
+    from trec_accel.config import load_config
+    from trec_accel.model import load_base
+    from trec_accel.runtime import Runtime
+
+    cfg = load_config(None, [f"model.name={tiny_model_path}", *overrides])
+    with caplog.at_level(logging.INFO, logger="trec_accel"):
+        load_base(cfg, Runtime.of(Accelerator(cpu=True), "auto"), training=training)
+    said = [r.getMessage() for r in caplog.records if "liger_kernels" in r.getMessage()]
+    assert said == ([f"{says}: running without it"] if says else [])

@@ -294,7 +294,7 @@ def load_as_4bit(monkeypatch, tiny_model_path, tokenizer, setting: str, free: in
         return base
     base.dequantize = dequantize
     plan = LoadPlan(quantize=True, dtype=torch.float32, device_map={"": torch.device("cpu")}, quant_storage=None)
-    monkeypatch.setattr(model_module, "load_base", lambda cfg, runtime: (base, tokenizer, plan))
+    monkeypatch.setattr(model_module, "load_base", lambda cfg, runtime, training: (base, tokenizer, plan))
     monkeypatch.setattr(model_module, "dequantized_extra_bytes", lambda model, dtype: GIB)
     monkeypatch.setattr(model_module, "free_gpu_bytes", lambda runtime: free)
     model, _ = model_module.load_for_inference(load_config(None, [setting]), fake_runtime(), adapter)

@@ -382,7 +382,9 @@ def main(argv=None) -> int:
 
             from .model import load_base
             from .runtime import Runtime
-            base, tokenizer, _ = load_base(cfg, Runtime.of(Accelerator(), cfg.model.dtype))
+            # Liger's kernels as the config sets them for training (setups a, b) or else for evaluation (evaluate.py's).
+            base, tokenizer, _ = load_base(cfg, Runtime.of(Accelerator(), cfg.model.dtype),
+                                           training=bool({"a", "b"} & set(args.setups)))
         if tokenizer is None:
             from .model import load_tokenizer
             from .offline_models import resolve_model_path

@@ -99,8 +99,9 @@ def check_model_folder(name: str) -> None:
         raise ModelLoadError(f"model.name={name} is a folder without a config.json, not a saved model: {hint}")
 
 
-def load_base(cfg: Config, runtime: Runtime):
-    """(base model, tokenizer, plan). No adapter yet."""
+def load_base(cfg: Config, runtime: Runtime, training: bool = True):
+    """(base model, tokenizer, plan). No adapter yet. `training` picks the Liger setting: `model.liger_kernels`,
+    else `eval.liger_kernels`."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     path = model_path(cfg, runtime.accelerator)
@@ -117,7 +118,8 @@ def load_base(cfg: Config, runtime: Runtime):
     if plan.device_map is not None:
         kwargs["device_map"] = plan.device_map
     tokenizer = load_tokenizer(path)
-    liger = cfg.model.liger_kernels and runtime.device.type == "cuda"
+    wants_liger = cfg.model.liger_kernels if training else cfg.eval.liger_kernels
+    liger = wants_liger and runtime.device.type == "cuda"
     warm_up = WarmUp(path, plan.dtype, runtime.device) if liger else None
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -131,8 +133,8 @@ def load_base(cfg: Config, runtime: Runtime):
         torch.backends.cuda.enable_cudnn_sdp(cfg.model.cudnn_attention)
     if liger:
         apply_liger(model)
-    elif cfg.model.liger_kernels:  # Liger's kernels are Triton, CUDA only
-        log.info("model.liger_kernels=true needs CUDA: running without it")
+    elif wants_liger:  # Liger's kernels are Triton, CUDA only
+        log.info("%s.liger_kernels=true needs CUDA: running without it", "model" if training else "eval")
     return model, tokenizer, plan
 
 
@@ -411,7 +413,7 @@ def load_for_inference(cfg: Config, runtime: Runtime, adapter: str = ""):
     """(model in eval mode, tokenizer): the base model, with the trained adapter when given."""
     if adapter:
         check_adapter(adapter, cfg)
-    model, tokenizer, plan = load_base(cfg, runtime)
+    model, tokenizer, plan = load_base(cfg, runtime, training=False)
     if adapter:
         model = attach_adapter(model, cfg, runtime, plan, adapter)
     if plan.device_map is None:
