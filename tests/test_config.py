@@ -51,6 +51,9 @@ def test_env_references_expand(tmp_path, monkeypatch):
     ("data.task=[a, b]", "data.task: expected str or dict, got ['a', 'b']"),
     ("data.task={labels: [a]}", "data.task: a task needs at least 2 labels, got 1"),
     ("eval.method=guess", "eval.method: 'guess' is not one of score, generate"),
+    ("seed=-5", "seed must be in [0, 2**32)"),
+    ("seed=4294967296", "seed must be in [0, 2**32)"),
+    ("data.split_seed=-1", "data.split_seed must be in [0, 2**32)"),
     ("train", "override 'train' is not of the form dotted.key=value"),
     ("train.lr.x=1", "unknown config key 'train.lr.x'"),
 ])

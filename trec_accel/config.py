@@ -362,6 +362,9 @@ def validate(cfg: Config) -> None:
         (e.max_batch_tokens >= 0, "eval.max_batch_tokens must be >= 0"),
         (e.max_new_tokens > 0, "eval.max_new_tokens must be > 0"),
         (e.max_examples >= 0, "eval.max_examples must be >= 0"),
+        # numpy takes seeds in [0, 2**32): accelerate's set_seed seeds its legacy generator with `seed`
+        (0 <= cfg.seed < 2**32, "seed must be in [0, 2**32)"),
+        (0 <= d.split_seed < 2**32, "data.split_seed must be in [0, 2**32)"),
         (bool(cfg.output_dir), "output_dir must not be empty"),
         (bool(cfg.model.name), "model.name must not be empty"),
         (cfg.model.unchecked_layers >= 0, "model.unchecked_layers must be >= 0"),
