@@ -126,7 +126,8 @@ class StandIns:
 
     def _seen(self, name, out, **inputs):
         self.calls.append((name, inputs))
-        out.register_hook(lambda g: self.backward.append(name))
+        if out.requires_grad:
+            out.register_hook(lambda g: self.backward.append(name))
         if self.stop_after is not None and len(self.calls) >= self.stop_after:
             self.stop.set()
         return out
@@ -169,6 +170,17 @@ def test_the_warm_up_runs_each_kernel_forward_and_backward_at_the_models_sizes(t
     for i in ropes:
         assert i["k"].shape[1] == config.num_key_value_heads and i["cos"].shape == (1, i["q"].shape[2], head_dim)
         assert i["q"].transpose(1, 2).is_contiguous() and i["k"].transpose(1, 2).is_contiguous()
+
+
+def test_the_warm_up_for_evaluation_runs_each_kernel_forward_only(tiny_model_path):
+    """Evaluation never runs the backward kernels, nor RMSNorm backward's batch-dependent specialisations."""
+    config = AutoConfig.from_pretrained(tiny_model_path)
+    ops = StandIns()
+    passes = warm_up_kernels(config, torch.bfloat16, torch.device("cpu"), 20, ops.ops(), threading.Event(),
+                             backward=False)
+    assert passes == 4 and ops.backward == []
+    assert [name for name, _ in ops.calls] == ["rms_norm", "silu_mul", "rope", "rope"]
+    assert all(not t.requires_grad for _, i in ops.calls for t in i.values() if isinstance(t, torch.Tensor))
 
 
 def test_the_warm_up_stops_between_kernels_once_asked(tiny_model_path):

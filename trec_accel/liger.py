@@ -80,34 +80,42 @@ def rms_norm_backward_rows(sm_count: int) -> list[int]:
     return [s + 16, s + 1, s, s - 1, 16, 17]
 
 
-def warm_up_kernels(config, dtype: torch.dtype, device: torch.device, sm_count: int, ops, stop: threading.Event) -> int:
-    """Run forward and backward of Liger's RMSNorm, SwiGLU and (batch-folded) RoPE once for each specialisation a
-    training run can meet, at the model's sizes, so that Triton compiles them now; stops between kernels once
-    `stop` is set. `ops`: (rms_norm, silu_mul, rope), Liger's autograd functions. Returns the passes run."""
+def warm_up_kernels(config, dtype: torch.dtype, device: torch.device, sm_count: int, ops, stop: threading.Event,
+                    backward: bool = True) -> int:
+    """Run Liger's RMSNorm, SwiGLU and (batch-folded) RoPE once for each specialisation a run can meet, at the
+    model's sizes, so that Triton compiles them now; stops between kernels once `stop` is set. `ops`: (rms_norm,
+    silu_mul, rope), Liger's autograd functions. With `backward` (training) each pass runs backward too, and
+    RMSNorm's backward meets its batch-dependent specialisations; without it (evaluation) forward kernels only,
+    which take no batch-dependent integer. Returns the passes run."""
     rms_norm, silu_mul, rope = ops
     hidden, heads = config.hidden_size, config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     eps = config.rms_norm_eps
 
+    def randn(*shape):
+        return torch.randn(*shape, dtype=dtype, device=device, requires_grad=backward)
+
+    def finish(*outs):
+        if backward:
+            sum(o.sum() for o in outs).backward()
+
     def norm(rows):
-        x = torch.randn(rows, hidden, dtype=dtype, device=device, requires_grad=True)
-        rms_norm(x, torch.ones(hidden, dtype=dtype, device=device), eps, 0.0, "llama", True, None).sum().backward()
+        finish(rms_norm(randn(rows, hidden), torch.ones(hidden, dtype=dtype, device=device), eps, 0.0, "llama", True,
+                        None))
 
     def swiglu():
-        a, b = (torch.randn(16, config.intermediate_size, dtype=dtype, device=device, requires_grad=True)
-                for _ in range(2))
-        silu_mul(a, b).sum().backward()
+        finish(silu_mul(randn(16, config.intermediate_size), randn(16, config.intermediate_size)))
 
     def rotary(rows, length):  # (B, H, S, D) laid out (B, S, H, D), as the projections leave q and k
         q, k = (torch.randn(rows, length, h * head_dim, dtype=dtype, device=device).view(rows, length, h, head_dim)
-                .transpose(1, 2).requires_grad_() for h in (heads, kv_heads))
+                .transpose(1, 2).requires_grad_(backward) for h in (heads, kv_heads))
         cos = torch.rand(rows, length, head_dim, dtype=dtype, device=device)
-        q1, k1 = rows_as_one_batch(rope)(q, k, cos, cos.flip(-1))
-        (q1.sum() + k1.sum()).backward()
+        finish(*rows_as_one_batch(rope)(q, k, cos, cos.flip(-1)))
 
     passes = [lambda: norm(16), swiglu, lambda: rotary(2, 9), lambda: rotary(2, 8)]
-    passes += [functools.partial(norm, rows) for rows in rms_norm_backward_rows(sm_count)]
+    if backward:
+        passes += [functools.partial(norm, rows) for rows in rms_norm_backward_rows(sm_count)]
     done = 0
     for run in passes:
         if stop.is_set():
@@ -122,9 +130,10 @@ class WarmUp:
     compilation (its one-off start, code generation, ptxas, gcc building the launchers) cost the first 7B training
     step 2-3 s; with it beside the load, the first step took 3.2-4.2 s against 5.3-6.1 s (BENCHMARKS.md, session
     15). `finish()`, called once the model is loaded, stops it between kernels and waits for the one compiling:
-    what is left compiles at first use, as it would have."""
+    what is left compiles at first use, as it would have. `backward`: False for evaluation, which never runs the
+    backward kernels."""
 
-    def __init__(self, model_path: str, dtype: torch.dtype, device: torch.device):
+    def __init__(self, model_path: str, dtype: torch.dtype, device: torch.device, backward: bool = True):
         self.stop, self.passes, self.error, self.seconds = threading.Event(), 0, None, 0.0
         self.thread = None
         quiet_optional_backends()
@@ -141,15 +150,15 @@ class WarmUp:
             return
         ops = (LigerRMSNormFunction.apply, LigerSiLUMulFunction.apply, liger_rotary_pos_emb)
         sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-        self.thread = threading.Thread(target=self._run, args=(config, dtype, device, sm_count, ops), daemon=True,
-                                       name="liger-warm-up")
+        self.thread = threading.Thread(target=self._run, args=(config, dtype, device, sm_count, ops, backward),
+                                       daemon=True, name="liger-warm-up")
         self.thread.start()
 
-    def _run(self, config, dtype, device, sm_count, ops):
+    def _run(self, config, dtype, device, sm_count, ops, backward):
         start = time.perf_counter()
         try:
             with torch.cuda.device(device):
-                self.passes = warm_up_kernels(config, dtype, device, sm_count, ops, self.stop)
+                self.passes = warm_up_kernels(config, dtype, device, sm_count, ops, self.stop, backward)
                 torch.cuda.synchronize(device)
         except Exception as e:  # noqa: BLE001 - a failed warm-up costs only the time it took
             self.error = e

@@ -120,7 +120,7 @@ def load_base(cfg: Config, runtime: Runtime, training: bool = True):
     tokenizer = load_tokenizer(path)
     wants_liger = cfg.model.liger_kernels if training else cfg.eval.liger_kernels
     liger = wants_liger and runtime.device.type == "cuda"
-    warm_up = WarmUp(path, plan.dtype, runtime.device) if liger else None
+    warm_up = WarmUp(path, plan.dtype, runtime.device, backward=training) if liger else None
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:  # noqa: BLE001
