@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """One attention layer over a shared prefix, forward and backward, on CUDA: the prefix joined to every row and
-SDPA (`model.prefix_attention=joined`) against the grouped products (`grouped`); milliseconds, and each output's
-relative error against the same computation in fp32. The figures behind `auto`'s rule (trec_accel/forward.py).
+SDPA with the query heads folded into rows (`model.prefix_attention=joined`, what `auto` runs), the grouped products
+(`grouped`), and Transformers' SDPA over the joined rows (each key/value head repeated for its query heads);
+milliseconds, and each output's relative error against Transformers' SDPA in fp32. The figures behind `auto`
+(trec_accel/forward.py).
 
     python scripts/bench_prefix_attention.py                   # the 7B shape: 32 / 8 heads of 128, a 140-token prefix
     python scripts/bench_prefix_attention.py --heads 9 --kv-heads 3 --head-dim 64 --prefix 130   # SmolLM2's
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from trec_accel import cli
-from trec_accel.forward import grouped_prefix_attention, joined
+from trec_accel.forward import folded_heads_sdpa, grouped_prefix_attention, joined
 
 
 def joined_sdpa(q, k, v, prefix_k, prefix_v, allow):
@@ -23,6 +25,12 @@ def joined_sdpa(q, k, v, prefix_k, prefix_v, allow):
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allow).transpose(1, 2)
+
+
+def folded(q, k, v, prefix_k, prefix_v, allow):
+    """What `model.prefix_attention=joined` runs."""
+    k, v = joined(prefix_k, prefix_v, k, v)
+    return folded_heads_sdpa(q, k, v, allow, 0.0, None)
 
 
 def grouped(q, k, v, prefix_k, prefix_v, allow):
@@ -53,7 +61,8 @@ def main():
     cli.require_cuda("bench_prefix_attention.py times CUDA kernels and needs a CUDA GPU")
     torch.backends.cuda.enable_cudnn_sdp(False)  # as model.cudnn_attention=false
     h, h_kv, d, n_prefix = args.heads, args.kv_heads, args.head_dim, args.prefix
-    print("| rows x width | joined ms | grouped ms | joined error | grouped error |\n| --- | --- | --- | --- | --- |")
+    print("| rows x width | joined ms | grouped ms | Transformers' SDPA ms | joined error | grouped error |\n"
+          "| --- | --- | --- | --- | --- | --- |")
     for shape in args.shapes:
         b, s = map(int, shape.split("x"))
         torch.manual_seed(0)
@@ -65,9 +74,10 @@ def main():
         allow = torch.cat([own.new_ones(b, s, n_prefix), own], 2)[:, None]
         reference = joined_sdpa(*full, allow)
         inputs = [x.bfloat16().requires_grad_() for x in full] + [allow]
-        ms = [milliseconds(fn, inputs) for fn in (joined_sdpa, grouped)]
-        errors = [((fn(*inputs).float() - reference).norm() / reference.norm()).item() for fn in (joined_sdpa, grouped)]
-        print(f"| {b} x {s} | {ms[0]:.2f} | {ms[1]:.2f} | {errors[0]:.1e} | {errors[1]:.1e} |", flush=True)
+        ms = [milliseconds(fn, inputs) for fn in (folded, grouped, joined_sdpa)]
+        errors = [((fn(*inputs).float() - reference).norm() / reference.norm()).item() for fn in (folded, grouped)]
+        print(f"| {b} x {s} | {ms[0]:.2f} | {ms[1]:.2f} | {ms[2]:.2f} | {errors[0]:.1e} | {errors[1]:.1e} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ import torch
 from trec_accel import forward
 from trec_accel.batching import Encoder, collate
 from trec_accel.config import load_config
-from trec_accel.forward import GROUPED_MAX_WIDTH, groups_prefix
 from trec_accel.loss import LabelLoss, batch_loss
 from trec_accel.model import add_lora, prepare_for_training
 from trec_accel.scoring import score_prompts, shared_prefix
@@ -195,23 +194,11 @@ def test_prefix_attention_modes(lora_model, tokenizer, monkeypatch, mode):
     torch.testing.assert_close(got[mask.bool()], full[:, prefix.shape[1]:][mask.bool()], rtol=1e-4, atol=1e-5)
 
 
-def test_auto_groups_short_rows_of_large_batches():
-    """auto's rule, at the shapes it was measured on (BENCHMARKS.md sessions 9 to 12)."""
-    mistral = dict(prefix=140, heads=32, head_dim=128, grad=True)
-    assert groups_prefix("auto", 256, 16, **mistral) and groups_prefix("auto", 256, 64, **mistral)   # coarse
-    assert groups_prefix("auto", 256, 64, **{**mistral, "prefix": 317})                                  # fine
-    assert not groups_prefix("auto", 256, GROUPED_MAX_WIDTH + 1, **mistral)  # wider rows: not measured faster
-    assert not groups_prefix("auto", 32, 16, **mistral)  # small joined copies: the extra kernels cost more
-    assert not groups_prefix("auto", 256, 16, prefix=130, heads=9, head_dim=64, grad=True)  # SmolLM2
-    assert not groups_prefix("auto", 256, 16, **{**mistral, "grad": False})  # scoring: joined was faster
-    assert groups_prefix("grouped", 1, 500, **mistral) and not groups_prefix("joined", 256, 16, **mistral)
-    assert groups_prefix("grouped", 256, 16, **{**mistral, "grad": False})
-
-
-def test_auto_joins_the_prefix_when_scoring(monkeypatch):
-    """prefix_attention asks the rule about gradients from the pass itself: scoring (no_grad) joins under auto."""
-    seen = []
-    monkeypatch.setattr(forward, "groups_prefix", lambda *a: seen.append(a[-1]) or False)
+@pytest.mark.parametrize("mode", ["auto", "joined"])
+def test_auto_joins_the_prefix_in_training_and_scoring(monkeypatch, mode):
+    """auto joins the prefix to every row, with gradients (training) and without (scoring): measured faster than
+    grouping at every shape (BENCHMARKS.md session 17); the rows then go to SDPA with the prefix before them."""
+    monkeypatch.setattr(forward, "grouped_prefix_attention", lambda *a: pytest.fail("grouped under " + mode))
     module = torch.nn.Module()
     module.layer_idx = 0
     prefix = type("P", (), {"states": [(torch.zeros(1, 1, 3, 4), torch.zeros(1, 1, 3, 4))]})()
@@ -220,9 +207,8 @@ def test_auto_joins_the_prefix_when_scoring(monkeypatch):
     sdpa = lambda m, q, k, v, mask, **kw: (k.shape, None)  # noqa: E731 - what the joined path hands to SDPA
     for grad in (True, False):
         with torch.set_grad_enabled(grad):
-            shape, _ = forward.prefix_attention(module, q, q, q, allow, shared_prefix=prefix, mode="auto", sdpa=sdpa)
+            shape, _ = forward.prefix_attention(module, q, q, q, allow, shared_prefix=prefix, mode=mode, sdpa=sdpa)
         assert shape == (2, 1, 8, 4)
-    assert seen == [True, False]
 
 
 @pytest.mark.parametrize("mode", ["sdpa", "joined"])

@@ -51,10 +51,10 @@ class ModelConfig:
                                   "Transformers' eager or FlashAttention-2 attention.",
                                   ("sdpa", "eager", "flash_attention_2"))
     prefix_attention: str = _f("auto", "How the question tokens attend to the shared instruction under SDPA: "
-                               "'grouped' reads its one copy by grouped matrix products, 'joined' copies it before "
-                               "every row; 'auto' groups where that was measured faster on an H200: rows of at most 64 "
-                               "tokens whose joined copies would be large, in training (the 7B shape at batch 256, not "
-                               "SmolLM2, small batches or scoring; BENCHMARKS.md).", ("auto", "grouped", "joined"))
+                               "'joined' copies it before every row and runs SDPA with each key/value head's query "
+                               "heads folded into its rows, 'grouped' reads its one copy by grouped matrix products; "
+                               "'auto' joins, measured faster on H200s at every shape, in training and scoring "
+                               "(BENCHMARKS.md, session 17).", ("auto", "grouped", "joined"))
     cudnn_attention: bool = _f(False, "Let PyTorch's SDPA pick cuDNN attention on CUDA. Off: cuDNN builds an "
                                "execution plan for every new input shape (2-4 s each on an H100, measured), and "
                                "length-grouped training batches and evaluation batches keep changing shape; the other "
@@ -62,9 +62,8 @@ class ModelConfig:
     gradient_checkpointing: bool = _f(False, "Non-reentrant activation checkpointing: less memory, ~30% more compute.")
     unchecked_layers: int = _f(0, "With gradient_checkpointing: the last N decoder layers run without it. Each skips "
                                "its recomputation and holds its activations until its backward pass instead: for the "
-                               "7B shape at batch 256, about 1.2-1.7 GiB more per layer and +3-7% sequences/s at 3-4 "
-                               "layers on coarse (within a 16 GiB peak at 3), +2-3% on fine (BENCHMARKS.md, session "
-                               "14).")
+                               "7B shape at batch 256, 1.0-1.3 GiB more per layer; at 3 layers +2-4% sequences/s, "
+                               "13.9 GiB peak on coarse and 15.9 GiB on fine (BENCHMARKS.md, sessions 14 and 17).")
     liger_kernels: bool = _f(False, "Patch RMSNorm/RoPE/SwiGLU with Liger Triton kernels (CUDA; from the checkout: "
                              "`pip install -e '.[liger]'`) for training: less elementwise traffic, ~1 GiB less peak "
                              "memory on the 7B recipe, +21-29% per replayed step for SmolLM2 (`eval.liger_kernels`: "

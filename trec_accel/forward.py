@@ -6,8 +6,9 @@ pass, so LoRA gets exactly the gradients of the full-sequence computation (tests
 this).
 
 Under SDPA the model runs `prefix_attention` (registered with Transformers' attention interface by
-`register_prefix_attention`): short rows attend to the one copy of the prefix by grouped matrix products
-instead of a copy of it joined to every row and repeated over each group of query heads.
+`register_prefix_attention`): the prefix is joined before every row, and the query heads that share a key/value
+head run as the rows of one head in PyTorch's SDPA kernel, where Transformers' SDPA would repeat the keys and values
+for each of them (`model.prefix_attention=grouped`: the rows read the prefix's one copy by grouped matrix products).
 """
 from __future__ import annotations
 
@@ -115,29 +116,14 @@ def joined(prefix_keys, prefix_values, keys, values):
             torch.cat([prefix_values.expand(b, -1, -1, -1), values], dim=-2))
 
 
-# `model.prefix_attention=auto` groups the attention to the prefix where that was measured faster on H200s (the
-# 7B shape: 32 query / 8 key-value heads of 128, 256 rows, forward and backward). With fp32 score products
-# (session 9) one layer took 2.9 / 4.2 / 5.5 ms grouped at widths 16 / 24 / 32 against 4.7 / 4.9 / 5.1 ms joined
-# (prefix 140); with TF32 score products (session 11) 2.2 / 3.2 ms at 16 / 24, and whole epochs grouped at every
-# width (batches of 16 to 64 tokens; fine's prefix is 317 tokens) ran 2.1% (coarse) and 0.5-3.5% (fine) faster
-# and 0.1 / 0.7-1.1 GiB lighter than grouping only up to 24 tokens (sessions 11-12). Wider rows were not measured
-# end to end, and one layer at width 48 (prefix 317) was slower grouped (11.5 against 10.8 ms), so rows up to the
-# widest measured are grouped. Where the joined copies are small (the 7B shape at 32 rows, SmolLM2 at 256) the
-# grouped path's extra kernels cost more than the copies (2.2-2.7 ms against 0.8-1.0 ms). Without gradients
-# (scoring) grouping did not pay on the whole: on two hosts the 7B shape scored the 500 fine test questions in
-# 1.90-1.96 s grouped against 1.52-1.58 s joined, the coarse ones in 0.49-0.53 s against 0.51-0.57 s
-# (BENCHMARKS.md sessions 9 and 10).
-GROUPED_MAX_WIDTH = 64
-GROUPED_MIN_JOINED = 2**27  # elements of one layer's joined keys and values: 344M for the 7B shape at 256 rows
-
-
-def groups_prefix(mode: str, batch: int, width: int, prefix: int, heads: int, head_dim: int, grad: bool) -> bool:
-    """Whether rows attend to the prefix by `grouped_prefix_attention` (else it is joined to every row); `grad`:
-    whether the pass records gradients."""
-    if mode != "auto":
-        return mode == "grouped"
-    return (grad and width <= GROUPED_MAX_WIDTH
-            and 2 * batch * heads * (prefix + width) * head_dim >= GROUPED_MIN_JOINED)
+# `model.prefix_attention=auto` joins the prefix to every row: measured faster than grouping at every shape, with
+# gradients and without (BENCHMARKS.md session 17). The joined path runs PyTorch's memory-efficient SDPA kernel with
+# the query heads of a key/value head folded into its rows (`folded_heads_sdpa`); one 7B-shape layer (32 query / 8
+# key-value heads of 128, 256 rows, forward and backward) took 1.68 / 2.03 / 2.24 ms at widths 16 / 24 / 32 with
+# the coarse prefix (140 tokens) against 2.22 / 3.12 / 4.09 ms grouped, and 3.59 / 3.83 ms at 24 / 32 with the fine
+# one (317) against 5.68 / 7.50 ms. Whole 7B epochs at batch 256 ran 4-7% (coarse) and 8-10% (fine) faster once
+# captured on two hosts, with 0.3-0.5 GiB less peak memory. (Sessions 9-12 had measured grouping faster against
+# Transformers' SDPA, which repeats every key/value head for each of its query heads.) `grouped` stays a setting.
 
 
 PREFIX_ATTENTION = "sdpa_prefix_"  # + the mode: the names `register_prefix_attention` registers
@@ -169,15 +155,15 @@ def uses_prefix_attention(decoder: nn.Module) -> bool:
 def prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                      shared_prefix: SharedPrefix | None = None, *, mode: str, sdpa, **kwargs):
     """`sdpa` (Transformers' SDPA attention), attending first to `shared_prefix` where one is given (keys and values
-    of the prefix not in `key` / `value`): by `grouped_prefix_attention` where `groups_prefix` says so, else joined
-    to every row. Under a boolean mask with fewer key/value heads than query heads, `folded_heads_sdpa` instead of
+    of the prefix not in `key` / `value`): by `grouped_prefix_attention` under `mode=grouped`, else joined to
+    every row. Under a boolean mask with fewer key/value heads than query heads, `folded_heads_sdpa` instead of
     Transformers' SDPA, which would copy the keys and values for each query head."""
     if shared_prefix is not None:
         prefix_keys, prefix_values = shared_prefix.states[module.layer_idx]
-        b, h, s, d = query.shape
-        if groups_prefix(mode, b, s, prefix_keys.shape[2], h, d, torch.is_grad_enabled()):
-            return grouped_prefix_attention(query, key, value, prefix_keys, prefix_values, attention_mask,
-                                            d ** -0.5 if scaling is None else scaling, dropout), None
+        if mode == "grouped":
+            scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+            return grouped_prefix_attention(query, key, value, prefix_keys, prefix_values, attention_mask, scaling,
+                                            dropout), None
         key, value = joined(prefix_keys, prefix_values, key, value)
     if attention_mask is not None and attention_mask.dtype == torch.bool and key.shape[1] < query.shape[1]:
         return folded_heads_sdpa(query, key, value, attention_mask, dropout, scaling), None
