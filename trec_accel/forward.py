@@ -116,16 +116,6 @@ def joined(prefix_keys, prefix_values, keys, values):
             torch.cat([prefix_values.expand(b, -1, -1, -1), values], dim=-2))
 
 
-# `model.prefix_attention=auto` joins the prefix to every row: measured faster than grouping at every shape, with
-# gradients and without (BENCHMARKS.md session 17). The joined path runs PyTorch's memory-efficient SDPA kernel with
-# the query heads of a key/value head folded into its rows (`folded_heads_sdpa`); one 7B-shape layer (32 query / 8
-# key-value heads of 128, 256 rows, forward and backward) took 1.68 / 2.03 / 2.24 ms at widths 16 / 24 / 32 with
-# the coarse prefix (140 tokens) against 2.22 / 3.12 / 4.09 ms grouped, and 3.59 / 3.83 ms at 24 / 32 with the fine
-# one (317) against 5.68 / 7.50 ms. Whole 7B epochs at batch 256 ran 4-7% (coarse) and 8-10% (fine) faster once
-# captured on two hosts, with 0.3-0.5 GiB less peak memory. (Sessions 9-12 had measured grouping faster against
-# Transformers' SDPA, which repeats every key/value head for each of its query heads.) `grouped` stays a setting.
-
-
 PREFIX_ATTENTION = "sdpa_prefix_"  # + the mode: the names `register_prefix_attention` registers
 
 
@@ -152,6 +142,15 @@ def uses_prefix_attention(decoder: nn.Module) -> bool:
     return getattr(decoder.config, "_attn_implementation", "").startswith(PREFIX_ATTENTION)
 
 
+# `model.prefix_attention=auto` joins the prefix to every row: measured faster than grouping at every shape. The
+# joined path runs PyTorch's memory-efficient SDPA kernel with the query heads of a key/value head folded into its
+# rows (`folded_heads_sdpa`); one 7B-shape layer (32 query / 8 key-value heads of 128, 256 rows, forward and
+# backward) took 1.67 / 2.01 / 2.22 ms at widths 16 / 24 / 32 with the coarse prefix (140 tokens) against 2.10 /
+# 3.10 / 4.06 ms grouped, and 3.57 / 3.82 ms at 24 / 32 with the fine one (317) against 5.65 / 7.46 ms; whole 7B
+# epochs at batch 256 ran 4-7% (coarse) and 8-10% (fine) faster once captured on two hosts, with 0.3-0.5 GiB less
+# peak memory (BENCHMARKS.md session 17). Without gradients the 7B scoring pass was 1.52-1.58 s joined against
+# 1.90-1.96 s grouped (fine; sessions 9-10). Sessions 9-12 had measured grouping faster in training against
+# Transformers' SDPA, which repeats every key/value head for each of its query heads. `grouped` stays a setting.
 def prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                      shared_prefix: SharedPrefix | None = None, *, mode: str, sdpa, **kwargs):
     """`sdpa` (Transformers' SDPA attention), attending first to `shared_prefix` where one is given (keys and values
