@@ -175,7 +175,7 @@ def test_cache_interface(lora_model, tokenizer):
 
 @pytest.mark.parametrize("mode", ["auto", "grouped", "joined"])
 def test_prefix_attention_modes(lora_model, tokenizer, monkeypatch, mode):
-    """Each mode takes its path (auto: joined for this small batch) and gives the full sequences' hidden states."""
+    """Each mode takes its path (auto: joined) and gives the full sequences' hidden states."""
     calls = []
     real = forward.grouped_prefix_attention
     monkeypatch.setattr(forward, "grouped_prefix_attention", lambda *a: calls.append(1) or real(*a))
